@@ -1,0 +1,3 @@
+"""dreamjax: DreamLLM in JAX/Flax."""
+
+__version__ = "0.1.0"

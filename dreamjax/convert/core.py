@@ -1,0 +1,322 @@
+"""Weight-name tables and the one generic mapper between PyTorch state dicts and Flax trees.
+
+A model's conversion is a list of `Rule`s: a PyTorch key template and a Flax path template.
+Templates may hold integer placeholders such as ``{i}``:
+
+    Rule("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/q_proj/kernel")
+
+- A placeholder present on both sides is substituted (``down_blocks.{b}`` -> ``down_blocks_{b}``).
+- A placeholder present only on the torch side means the Flax tree *stacks* those tensors on a new
+  leading axis, in index order (this is how `nn.scan`-ed layers are stored).
+
+Transforms are limited to transposes (``kind="kernel"``: a Linear ``[out, in]`` becomes a Dense
+``[in, out]``; a Conv ``[O, I, H, W]`` becomes ``[H, W, I, O]``), so a round trip is bit-exact and
+dtypes (bf16 included) are preserved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+class ConversionError(ValueError):
+    """Raised with one clear message naming the offending keys."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch: str
+    flax: str
+    kind: str = "identity"  # "identity" or "kernel" (transpose Linear / Conv weights)
+
+    def __post_init__(self):
+        if self.kind not in ("identity", "kernel"):
+            raise ValueError(f"Rule kind must be 'identity' or 'kernel', got {self.kind!r}")
+
+    @property
+    def torch_vars(self) -> list[str]:
+        return _PLACEHOLDER.findall(self.torch)
+
+    @property
+    def flax_vars(self) -> list[str]:
+        return _PLACEHOLDER.findall(self.flax)
+
+    @property
+    def stacked_var(self) -> str | None:
+        extra = [v for v in self.torch_vars if v not in self.flax_vars]
+        if len(extra) > 1:
+            raise ValueError(f"Rule {self.torch!r} stacks more than one placeholder: {extra}")
+        return extra[0] if extra else None
+
+
+def _template_regex(template: str, sep: str) -> re.Pattern:
+    parts, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        parts.append(re.escape(template[pos : m.start()]))
+        parts.append(f"(?P<{m.group(1)}>\\d+)")
+        pos = m.end()
+    parts.append(re.escape(template[pos:]))
+    return re.compile("^" + "".join(parts) + "$")
+
+
+def _to_flax_layout(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "kernel":
+        if x.ndim == 2:
+            return np.ascontiguousarray(x.T)
+        if x.ndim == 4:
+            return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+    return x
+
+
+def _to_torch_layout(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "kernel":
+        if x.ndim == 2:
+            return np.ascontiguousarray(x.T)
+        if x.ndim == 4:
+            return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+    return x
+
+
+# ----------------------------------------------------------------------------- tree helpers
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}."""
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def _fmt_keys(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor (any dtype, bf16 included) or array -> numpy, bit-exact."""
+    if isinstance(t, np.ndarray):
+        return t
+    mod = type(t).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(t)
+
+
+def to_torch(x: Any):
+    """numpy (bf16 included) -> torch tensor, bit-exact."""
+    import ml_dtypes
+    import torch
+
+    x = np.asarray(x)
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ----------------------------------------------------------------------------- mapping
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any],
+    rules: Sequence[Rule],
+    *,
+    ignore: Sequence[str] = (),
+    expected: Mapping[str, Any] | None = None,
+    what: str = "state dict",
+) -> dict[str, Any]:
+    """Map a PyTorch state dict onto a nested Flax parameter dict.
+
+    ignore: regexes of torch keys that are dropped on purpose (buffers such as ``inv_freq``).
+    expected: a Flax tree (arrays or ShapeDtypeStructs) to check completeness and shapes against.
+    Raises ConversionError naming every unexpected, missing or misshapen key.
+    """
+    compiled = [(r, _template_regex(r.torch, ".")) for r in rules]
+    ignore_re = [re.compile(p) for p in ignore]
+    singles: dict[str, np.ndarray] = {}
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    stack_kind: dict[str, str] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        for rule, rx in compiled:
+            m = rx.match(key)
+            if m is None:
+                continue
+            groups = {k: int(v) for k, v in m.groupdict().items()}
+            sv = rule.stacked_var
+            path = rule.flax.format(**{k: v for k, v in groups.items() if k != sv})
+            arr = _to_flax_layout(to_numpy(value), rule.kind)
+            if sv is None:
+                singles[path] = arr
+            else:
+                stacks.setdefault(path, {})[groups[sv]] = arr
+                stack_kind[path] = rule.kind
+            break
+        else:
+            if not any(p.search(key) for p in ignore_re):
+                unexpected.append(key)
+    if unexpected:
+        raise ConversionError(f"{what}: unexpected keys (no rule maps them): {_fmt_keys(unexpected)}")
+    flat = dict(singles)
+    for path, by_index in stacks.items():
+        idx = sorted(by_index)
+        if idx != list(range(len(idx))):
+            missing = sorted(set(range(max(idx) + 1)) - set(idx))
+            raise ConversionError(f"{what}: stacked parameter {path!r} is missing layer indices {missing}")
+        flat[path] = np.stack([by_index[i] for i in idx])
+    if expected is not None:
+        _check_against(flat, expected, rules, what)
+    return unflatten(flat)
+
+
+def _check_against(flat: Mapping[str, Any], expected: Mapping[str, Any], rules, what: str) -> None:
+    exp = flatten(expected)
+    missing = sorted(set(exp) - set(flat))
+    extra = sorted(set(flat) - set(exp))
+    if missing:
+        names = [_torch_name_for(p, rules) for p in missing]
+        raise ConversionError(f"{what}: missing keys: {_fmt_keys(names)}")
+    if extra:
+        raise ConversionError(f"{what}: keys the model does not have: {_fmt_keys(extra)}")
+    bad = [
+        f"{p} {tuple(flat[p].shape)} != {tuple(exp[p].shape)}"
+        for p in exp
+        if tuple(flat[p].shape) != tuple(exp[p].shape)
+    ]
+    if bad:
+        raise ConversionError(f"{what}: shape mismatch: {_fmt_keys(bad)}")
+
+
+def _torch_name_for(flax_path: str, rules: Sequence[Rule]) -> str:
+    for rule in rules:
+        m = _template_regex(rule.flax, "/").match(flax_path)
+        if m:
+            vals = {k: int(v) for k, v in m.groupdict().items()}
+            if rule.stacked_var:
+                vals[rule.stacked_var] = "*"  # type: ignore[assignment]
+            return rule.torch.format(**vals)
+    return flax_path
+
+
+def flax_to_torch(params: Mapping[str, Any], rules: Sequence[Rule], *, what: str = "params") -> dict[str, np.ndarray]:
+    """Inverse of `torch_to_flax`: a nested Flax dict -> {torch key: numpy array (torch layout)}."""
+    compiled = [(r, _template_regex(r.flax, "/")) for r in rules]
+    out: dict[str, np.ndarray] = {}
+    unmapped = []
+    for path, value in flatten(params).items():
+        arr = np.asarray(value)
+        for rule, rx in compiled:
+            m = rx.match(path)
+            if m is None:
+                continue
+            groups = {k: int(v) for k, v in m.groupdict().items()}
+            sv = rule.stacked_var
+            if sv is None:
+                out[rule.torch.format(**groups)] = _to_torch_layout(arr, rule.kind)
+            else:
+                for i in range(arr.shape[0]):
+                    out[rule.torch.format(**groups, **{sv: i})] = _to_torch_layout(arr[i], rule.kind)
+            break
+        else:
+            unmapped.append(path)
+    if unmapped:
+        raise ConversionError(f"{what}: no rule maps these Flax parameters: {_fmt_keys(unmapped)}")
+    return out
+
+
+def prefixed(rules: Sequence[Rule], torch_prefix: str = "", flax_prefix: str = "") -> list[Rule]:
+    """The same rules under a torch key prefix and/or a Flax path prefix."""
+    fp = flax_prefix.rstrip("/") + "/" if flax_prefix else ""
+    return [dataclasses.replace(r, torch=torch_prefix + r.torch, flax=fp + r.flax) for r in rules]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a state dict from a .safetensors / .bin / .pt file, or a directory holding one
+    (sharded checkpoints with an ``*.index.json`` included). Tensors stay torch tensors for .bin
+    files and become numpy arrays for safetensors."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConversionError(f"checkpoint path does not exist: {path}")
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        for index_name in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
+                           "pytorch_model.bin.index.json", "diffusion_pytorch_model.bin.index.json"):
+            if index_name in names:
+                with open(os.path.join(path, index_name)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                sd: dict[str, Any] = {}
+                for shard in shards:
+                    sd.update(load_state_dict(os.path.join(path, shard)))
+                return sd
+        for cand in ("model.safetensors", "diffusion_pytorch_model.safetensors",
+                     "pytorch_model.bin", "diffusion_pytorch_model.bin"):
+            if cand in names:
+                return load_state_dict(os.path.join(path, cand))
+        raise ConversionError(
+            f"no weights file in {path} (looked for *.safetensors, *.bin and their .index.json); found: "
+            f"{_fmt_keys(names) or 'nothing'}"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise ConversionError(f"cannot read safetensors file {path}: {e}") from e
+    if path.endswith((".bin", ".pt", ".pth")):
+        try:
+            import torch
+        except ImportError as e:
+            raise ConversionError(f"reading {path} needs torch: pip install 'dreamjax[torch]'") from e
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from e
+        if not isinstance(sd, Mapping):
+            raise ConversionError(f"{path} does not hold a state dict (got {type(sd).__name__})")
+        return dict(sd)
+    raise ConversionError(f"unknown checkpoint file type (want .safetensors, .bin, .pt): {path}")
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path))
