@@ -8,12 +8,14 @@ Logical axis vocabulary (mapped to mesh axes by `dreamjax.parallel.sharding` rul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -118,3 +120,82 @@ def attention(
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Activation sharding hint by logical names (no-op outside a mesh / rules context)."""
     return nn.with_logical_constraint(x, tuple(axes))
+
+
+# ----------------------------------------------------------------------------- LLaMA blocks
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: statistics in fp32, scale applied in the compute dtype (as HF `LlamaRMSNorm`)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2] (float32), computed as in HF `modeling_rope_utils`.
+
+    scaling: None / {"rope_type": "default"}, {"rope_type": "linear", "factor"}, or the Llama-3 scheme
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are divided by `factor`, short ones kept, the band between interpolated
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, HF rotate_half convention. x [B, L, N, H], positions [B, L] -> [B, L, N, H].
+
+    Angles and the rotation are computed in fp32 and cast back to x's dtype.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, H]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """LLaMA MLP: down(silu(gate(x)) * up(x)); kernels [in, out], no biases, HF parameter names."""
+
+    intermediate_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [B, L, F]
+        return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)

@@ -1,0 +1,52 @@
+"""Defaults shared by every experiment config; a config file overrides what it needs."""
+
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.tokenizer = "synthetic"  # "synthetic" (built from the shapes world) or a local HF tokenizer dir
+
+    c.model = ConfigDict()
+    # LLaMA fields, named as dreamjax.models.llama.LlamaConfig; vocab_size comes from the tokenizer.
+    c.model.llm = ConfigDict(dict(
+        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+        scan_layers=True, remat_policy="none",
+    ))
+    c.model.vision = ConfigDict(dict(  # CLIP ViT-L/14 at 224 px
+        hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=224, patch_size=14,
+        layer_norm_eps=1e-5,
+    ))
+    c.model.select_layer = -2
+    c.model.num_dream_queries = 64
+    c.model.unet = ConfigDict()  # a diffusers UNet2DConditionModel config dict
+    c.model.vae = None  # a diffusers AutoencoderKL config dict, or None for pixel space
+    # diffusers DDPMScheduler config of stable-diffusion-2-1-base (spec 1.5)
+    c.model.schedule = ConfigDict(dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1, timestep_spacing="leading",
+        set_alpha_to_one=False,
+    ))
+
+    c.init = ConfigDict(dict(  # local pretrained weights (never downloaded)
+        llm=None, clip=None, stable_diffusion=None, dreamllm=None,
+    ))
+
+    c.data = ConfigDict(dict(
+        source="synthetic", paths=None, mode="joint", max_length=2048, max_images_in=4, max_images_out=4,
+        resolution_in=224, resolution_out=512, random_flip=True, num_workers=0, seed=0,
+        mixture=ConfigDict(),
+    ))
+
+    c.train = ConfigDict(dict(
+        stage="stage2", trainable=None, loss_weights=None, steps=1000, global_batch_size=8,
+        learning_rate=2e-5, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0, grad_accum_steps=1,
+        precision="bf16",  # "fp32" | "bf16" (fp32 master, bf16 compute) | "pure_bf16" (upstream)
+        condition_dropout=0.0, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
+    ))
+
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn=None, rules=None))
+    c.sample = ConfigDict(dict(steps=150, guidance=2.0, sampler="ddpm"))
+    return c

@@ -1,0 +1,57 @@
+"""The demo: a tiny DreamLLM trained from scratch on the built-in "shapes" world on 2 CPU cores.
+
+There is no pretrained CLIP or Stable Diffusion offline, so every part trains (stage "demo"), and the
+diffusion model works directly in pixel space (`vae=None`) at 32x32: a tiny VAE would need its own
+reconstruction training first and buys nothing at this resolution.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    c = common.base_config()
+    c.model.llm.update(
+        hidden_size=128, intermediate_size=352, num_layers=3, num_heads=4, num_kv_heads=4,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    c.model.vision.update(
+        hidden_size=64, intermediate_size=256, num_layers=3, num_heads=4, image_size=32, patch_size=8,
+    )
+    c.model.num_dream_queries = 8
+    c.model.unet = ConfigDict(dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=[32, 64],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[4, 4], cross_attention_dim=64, norm_num_groups=8,
+        use_linear_projection=True,
+    ))
+    c.model.vae = None  # pixel-space diffusion
+
+    c.data.source = "synthetic"
+    c.data.resolution_in = 32
+    c.data.resolution_out = 32
+    c.data.max_length = 128
+    c.data.max_images_in = 2
+    c.data.max_images_out = 2
+    c.data.mixture = ConfigDict(dict(pairs=0.5, conversations=0.35, documents=0.15))
+
+    c.train.stage = "demo"
+    c.train.loss_weights = (1.0, 1.0)
+    c.train.steps = 1500
+    c.train.global_batch_size = 16
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 50
+    c.train.log_every = 25
+    c.train.checkpoint_every = 500
+    c.train.precision = "fp32"
+
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    c.sample.update(steps=50, guidance=2.0)
+    if arg == "smoke":  # a few steps, for tests
+        c.train.steps = 3
+        c.train.log_every = 1
+        c.train.checkpoint_every = 2
+    return c
