@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     )
     c.model.num_dream_queries = 8
     c.model.unet = ConfigDict(dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
         block_out_channels=[32, 64],
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
@@ -32,10 +32,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
     c.data.source = "synthetic"
     c.data.resolution_in = 32
-    c.data.resolution_out = 32
+    c.data.resolution_out = 16
     c.data.max_length = 128
     c.data.max_images_in = 2
-    c.data.max_images_out = 2
+    c.data.max_images_out = 1
     c.data.mixture = ConfigDict(dict(pairs=0.5, conversations=0.35, documents=0.15))
 
     c.train.stage = "demo"

@@ -713,3 +713,13 @@ __all__ = [
     "tokenize_interleaved",
     "tokenize_pair",
 ]
+
+
+def prompt_ids(text: str, tokenizer, cfg: LayoutConfig, specials: SpecialIds | None = None) -> list[int]:
+    """Inference prompt: BOS + tok(text), no EOS, with each `<image>` placeholder expanded to an IMG block
+    (spec 4.1-4.2). The caller supplies one input image per block, in order."""
+    s = _specials(tokenizer, specials)
+    out: list[int] = []
+    for t in _tok(tokenizer, text, s.bos):
+        out += image_block(s, cfg) if t == s.image else [t]
+    return out

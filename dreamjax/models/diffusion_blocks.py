@@ -7,6 +7,7 @@ them with plain name tables.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +17,34 @@ import jax.numpy as jnp
 from dreamjax.models import layers
 
 Dtype = Any
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def check_fixed_options(config: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:
+    """Raise one ValueError naming every option of `config` set to a value dreamjax does not implement."""
+    bad = []
+    for key, want in fixed.items():
+        if key not in config:
+            continue
+        got = config[key]
+        if isinstance(got, (list, tuple)) and not isinstance(want, (list, tuple)):
+            ok = all(g == want for g in got)  # e.g. only_cross_attention=[False, False, ...]
+        else:
+            ok = got == want
+        if not ok:
+            bad.append(f"{key}={got!r} (supported: {want!r})")
+    if bad:
+        raise ValueError(f"{what}: unsupported config options: {', '.join(bad)}")
+
+
+def first_size(value):
+    """diffusers allows sample_size as [H, W]; SD configs use one int."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------- blocks
 
 
 class ResnetBlock2D(nn.Module):

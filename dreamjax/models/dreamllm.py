@@ -34,6 +34,11 @@ class SpecialTokenIds:
     dream_start: int
     dream_end: int
 
+    @classmethod
+    def from_ids(cls, ids) -> SpecialTokenIds:
+        """From any object with these attributes (e.g. `dreamjax.data.tokenizer.SpecialIds`)."""
+        return cls(**{f.name: int(getattr(ids, f.name)) for f in dataclasses.fields(cls)})
+
 
 @dataclasses.dataclass(frozen=True)
 class DreamLLMConfig:
@@ -172,6 +177,14 @@ class DreamLLM(nn.Module):
             return logits, None, None
         cond, present = self.condition(hidden, tokens, max_images_out)
         return logits, cond, present
+
+    def run_llm(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None,
+                cache: dict | None = None, cache_index: jax.Array | int | None = None):
+        """The LLM on already-built embeddings (decoding with a KV cache): (hidden, cache)."""
+        return self.llm(x, positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        return self.llm.logits(hidden)
 
     # ---------------------------------------------------------------- creation side
 

@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from dreamjax.models import layers
-from dreamjax.models.diffusion_blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from dreamjax.models.diffusion_blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    check_fixed_options,
+    first_size,
+)
 
 Dtype = Any
 
@@ -65,23 +71,6 @@ _UNET_FIXED: dict[str, Any] = {
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
-
-
-def check_fixed_options(config: Mapping[str, Any], fixed: Mapping[str, Any], what: str) -> None:
-    """Raise one ValueError naming every option of `config` set to a value dreamjax does not implement."""
-    bad = []
-    for key, want in fixed.items():
-        if key not in config:
-            continue
-        got = config[key]
-        if isinstance(got, (list, tuple)) and not isinstance(want, (list, tuple)):
-            ok = all(g == want for g in got)  # e.g. only_cross_attention=[False, False, ...]
-        else:
-            ok = got == want
-        if not ok:
-            bad.append(f"{key}={got!r} (supported: {want!r})")
-    if bad:
-        raise ValueError(f"{what}: unsupported config options: {', '.join(bad)}")
 
 
 def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -126,6 +115,8 @@ class UNetConfig:
     attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("xla", "cudnn", None)
 
     def __post_init__(self):
+        if self.norm_num_groups is None:
+            raise ValueError("UNetConfig: norm_num_groups=None (no output norm) is not supported")
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
                      "transformer_layers_per_block"):
@@ -166,7 +157,7 @@ class UNetConfig:
         kwargs = dict(
             in_channels=config.get("in_channels", 4),
             out_channels=config.get("out_channels", 4),
-            sample_size=config.get("sample_size"),
+            sample_size=first_size(config.get("sample_size")),
             block_out_channels=tuple(config.get("block_out_channels", cls.block_out_channels)),
             down_block_types=tuple(config.get("down_block_types", cls.down_block_types)),
             up_block_types=tuple(config.get("up_block_types", cls.up_block_types)),

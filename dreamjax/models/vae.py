@@ -17,8 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from dreamjax.models import layers
-from dreamjax.models.diffusion_blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-from dreamjax.models.unet import check_fixed_options
+from dreamjax.models.diffusion_blocks import (
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    check_fixed_options,
+    first_size,
+)
 
 Dtype = Any
 
@@ -64,9 +70,6 @@ class VAEConfig:
         """From a diffusers AutoencoderKL config (its config.json as a dict, or `model.config`)."""
         config = dict(config)
         check_fixed_options(config, _VAE_FIXED, "AutoencoderKL")
-        sample_size = config.get("sample_size", 32)
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = sample_size[0]
         kwargs = dict(
             in_channels=config.get("in_channels", 3),
             out_channels=config.get("out_channels", 3),
@@ -74,7 +77,7 @@ class VAEConfig:
             block_out_channels=tuple(config.get("block_out_channels", (64,))),
             layers_per_block=config.get("layers_per_block", 1),
             norm_num_groups=config.get("norm_num_groups", 32),
-            sample_size=sample_size,
+            sample_size=first_size(config.get("sample_size", 32)),
             scaling_factor=float(config.get("scaling_factor", 0.18215)),
             use_quant_conv=bool(config.get("use_quant_conv", True)),
             use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),

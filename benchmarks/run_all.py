@@ -1,0 +1,251 @@
+"""JAX (jit) vs PyTorch (eager) on the same weights: forward and forward+backward of LLaMA, CLIP vision, UNet.
+
+    .venv/bin/python benchmarks/run_all.py                  # everything, default sizes (~2-3 min on 2 cores)
+    .venv/bin/python benchmarks/run_all.py --only llama     # one model (comma-separated list allowed)
+    .venv/bin/python benchmarks/run_all.py --quick --tiny   # smoke run: few reps, tiny models
+
+For every model the PyTorch reference (transformers / diffusers, random weights) is converted with the
+dreamjax converter, so both sides run the same computation; the table's "max rel err" proves it (forward:
+the outputs; fwd+bwd: the loss and every parameter gradient, max over tensors of max|a-b| / max|b|).
+
+Timing: JAX functions are jitted and compiled ahead of time (compile time reported separately, not in the
+step time), every call ends in block_until_ready; PyTorch runs eager fp32 (forward under inference_mode)
+with torch.set_num_threads = the cores this process may use. JAX and PyTorch repetitions are interleaved
+(alternating which goes first) so both see the same machine noise; the table shows medians.
+fwd+bwd: loss = mean(output**2), gradients w.r.t. all parameters (torch: zero_grad + backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the comparison is against PyTorch on the same CPU
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `benchmarks`
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import models  # noqa: E402
+from dreamjax.convert import core  # noqa: E402
+
+# (reps, warmup) per mode; --reps overrides reps.
+REPS = {"default": (10, 2), "quick": (3, 1)}
+# The UNet step is ~5x the others: fewer reps keep the default run within ~3 minutes.
+REP_SCALE = {"unet": 0.6}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def max_rel_err(actual, expected) -> float:
+    """max |a - e| / max |e| (relative to the reference's scale, robust near zeros)."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {e.shape}")
+    return float(np.max(np.abs(a - e)) / max(float(np.max(np.abs(e))), 1e-30))
+
+
+def tree_max_rel_err(actual, expected) -> float:
+    """max over leaves of `max_rel_err` (trees of the same structure)."""
+    errs = jax.tree.map(max_rel_err, actual, expected)
+    return max(jax.tree.leaves(errs))
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Run each fn `warmup` times, then `reps` rounds of all of them (order alternating every round);
+    returns wall times in ms. The garbage collector is off while timing (as in timeit)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(reps):
+            for k in keys if r % 2 == 0 else keys[::-1]:
+                t0 = time.perf_counter()
+                fns[k]()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        gc.enable()
+    return times
+
+
+def compile_jax(fn, *args):
+    """jit + ahead-of-time compile; returns (compiled, seconds for trace + lower + compile)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def torch_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{name: grad}; a parameter the loss does not reach (CLIP's post_layernorm) has grad None in torch and
+    zeros in JAX."""
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- one model
+
+
+def bench_case(case: models.Case, reps: int, warmup: int, use_torch_compile: bool) -> list[dict]:
+    params, inputs, tmodel = case.jax_params, case.jax_inputs, case.torch_model
+
+    def loss_fn(p, *xs):
+        return jnp.mean(jnp.square(case.jax_apply(p, *xs).astype(jnp.float32)))
+
+    fwd, fwd_compile_s = compile_jax(case.jax_apply, params, *inputs)
+    vg, vg_compile_s = compile_jax(jax.value_and_grad(loss_fn), params, *inputs)
+
+    def jax_fwd():
+        return jax.block_until_ready(fwd(params, *inputs))
+
+    def jax_fwd_bwd():
+        return jax.block_until_ready(vg(params, *inputs))
+
+    def torch_fwd(m=tmodel):
+        with torch.inference_mode():
+            return case.torch_forward(m)
+
+    def torch_fwd_bwd(m=tmodel):
+        tmodel.zero_grad(set_to_none=True)
+        loss = case.torch_forward(m).float().square().mean()
+        loss.backward()
+        return loss
+
+    # --- agreement (also the first, untimed calls)
+    out_err = max_rel_err(jax_fwd(), case.to_jax_layout(core.to_numpy(torch_fwd())))
+    loss_j, grads_j = jax_fwd_bwd()
+    loss_t = torch_fwd_bwd()
+    grads_t = case.grads_to_flax(torch_grads(tmodel))
+    grad_err = max(max_rel_err(loss_j, loss_t.item()), tree_max_rel_err(grads_j, grads_t))
+    del grads_j, grads_t
+
+    fns = {"jax_fwd": jax_fwd, "torch_fwd": torch_fwd}
+    fns_bwd = {"jax_fwd_bwd": jax_fwd_bwd, "torch_fwd_bwd": torch_fwd_bwd}
+    compiled_note = {}
+    if use_torch_compile:
+        # Opt-in: inductor needs a C++ compiler and takes a while; any failure just drops the column.
+        try:
+            cmodel = torch.compile(tmodel)
+            t0 = time.perf_counter()
+            torch_fwd(cmodel)
+            compiled_note["fwd"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            torch_fwd_bwd(cmodel)
+            compiled_note["fwd_bwd"] = time.perf_counter() - t0
+            fns["torchc_fwd"] = lambda: torch_fwd(cmodel)
+            fns_bwd["torchc_fwd_bwd"] = lambda: torch_fwd_bwd(cmodel)
+        except Exception as e:  # noqa: BLE001 - optional, report and continue
+            print(f"  [{case.name}] torch.compile skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
+                  flush=True)
+
+    t_fwd = interleaved(fns, reps, warmup)
+    t_bwd = interleaved(fns_bwd, reps, warmup)
+
+    rows = []
+    for mode, times, err, compile_s in (("fwd", t_fwd, out_err, fwd_compile_s),
+                                        ("fwd+bwd", t_bwd, grad_err, vg_compile_s)):
+        key = mode.replace("+", "_")
+        jax_ms = statistics.median(times[f"jax_{key}"])
+        torch_ms = statistics.median(times[f"torch_{key}"])
+        row = dict(name=f"{case.name}/{mode}", jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms,
+                   max_rel_err=err, compile_s=compile_s, reps=len(times[f"jax_{key}"]),
+                   jax_ms_min=min(times[f"jax_{key}"]), torch_ms_min=min(times[f"torch_{key}"]))
+        if f"torchc_{key}" in times:
+            row["torch_compile_ms"] = statistics.median(times[f"torchc_{key}"])
+            row["torch_compile_ratio"] = row["torch_compile_ms"] / jax_ms
+            row["torch_compile_s"] = compiled_note[key]
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def format_table(rows: list[dict]) -> str:
+    with_tc = any("torch_compile_ms" in r for r in rows)
+    header = f"{'name':<16}{'jax ms':>10}{'torch ms':>10}{'ratio':>8}{'max rel err':>13}{'jax compile s':>15}"
+    if with_tc:
+        header += f"{'t.compile ms':>14}{'ratio':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        line = (f"{r['name']:<16}{r['jax_ms']:>10.1f}{r['torch_ms']:>10.1f}{r['ratio']:>8.2f}"
+                f"{r['max_rel_err']:>13.1e}{r['compile_s']:>15.2f}")
+        if with_tc:
+            line += (f"{r['torch_compile_ms']:>14.1f}{r['torch_compile_ratio']:>8.2f}"
+                     if "torch_compile_ms" in r else f"{'-':>14}{'-':>8}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repetitions (smoke runs)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of {','.join(models.BUILDERS)} (default: all)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per function (default 10, quick 3)")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time torch.compile (inductor; slow to compile, skipped if it fails)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    names = list(models.BUILDERS) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in models.BUILDERS]
+    if unknown or not names:
+        ap.error(f"--only: unknown model(s) {unknown}; choose from {', '.join(models.BUILDERS)}")
+    args.names = names
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    reps, warmup = REPS["quick" if args.quick else "default"]
+    size = "tiny" if args.tiny else "default"
+    print(f"dreamjax benchmarks: jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), {cores} cores, "
+          f"{platform.processor() or platform.machine()}; sizes={size}", flush=True)
+
+    t_start = time.perf_counter()
+    rows, notes = [], []
+    for name in args.names:
+        t0 = time.perf_counter()
+        case = models.BUILDERS[name](size)
+        build_s = time.perf_counter() - t0
+        n = args.reps or (reps if args.quick else max(3, round(reps * REP_SCALE.get(name, 1.0))))
+        case_rows = bench_case(case, n, warmup, args.torch_compile)
+        rows += case_rows
+        notes.append(f"  {name}: {case.description}")
+        print(f"  {name}: built + converted in {build_s:.1f}s, benchmarked in "
+              f"{time.perf_counter() - t0 - build_s:.1f}s ({n} reps)", flush=True)
+        del case
+
+    print()
+    print(format_table(rows))
+    print("ratio = torch ms / jax ms (>1: JAX faster); times are medians; max rel err: fwd = outputs, "
+          "fwd+bwd = loss and every gradient tensor")
+    print("\n".join(notes))
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The demo's two measured skills on held-out cases of the shapes world.
+
+- color_accuracy: images generated for held-out captions ("a large red circle on the left ..."): the share
+  whose dominant non-background colour is nearest to the asked colour.
+- vqa_accuracy: answers to "What color is the shape?" about held-out images: the share whose first word
+  is the right colour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from dreamjax.data import images as imgs
+from dreamjax.data.synthetic import ShapesWorld, caption, render
+from dreamjax.data.tokenize import VICUNA_V1_1, LayoutConfig, prompt_ids
+from dreamjax.eval.color import dominant_color
+from dreamjax.infer.decode import generate_text
+from dreamjax.infer.load import Run
+from dreamjax.infer.text_to_image import generate_images
+
+VQA_QUESTION = "What color is the shape?"
+
+
+def heldout_specs(world: ShapesWorld, n: int, seed: int = 0):
+    specs = world.specs("heldout")
+    rng = np.random.default_rng(seed)
+    return [specs[i] for i in rng.choice(len(specs), size=min(n, len(specs)), replace=False)]
+
+
+def layout(run: Run) -> LayoutConfig:
+    cfg = run.model.config
+    return LayoutConfig(num_image_tokens=cfg.num_image_tokens, num_dream_queries=cfg.num_dream_queries,
+                        max_length=int(run.config.data.max_length))
+
+
+def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps: int, guidance: float,
+                   seed: int = 0, batch: int = 32) -> tuple[float, list[dict]]:
+    specs = heldout_specs(world, n, seed)
+    lay = layout(run)
+    records, images = [], []
+    negative = prompt_ids("", run.tokenizer, lay, run.specials)
+    for start in range(0, len(specs), batch):
+        chunk = specs[start : start + batch]
+        prompts = [prompt_ids(caption(s), run.tokenizer, lay, run.specials) for s in chunk]
+        out = generate_images(run.model, run.params, run.schedule, prompts, negative=negative, num_steps=steps,
+                              guidance=guidance, seed=seed + start)
+        images += [imgs.to_uint8(x) for x in out]
+    hits = 0
+    for i, (spec, img) in enumerate(zip(specs, images)):
+        got = dominant_color(img, background=spec.background)
+        hits += got == spec.color
+        path = imgs.save_png(img, os.path.join(out_dir, f"t2i_{i:03d}_{spec.color}_{spec.shape}.png"))
+        records.append({"prompt": caption(spec), "asked": spec.color, "dominant": got, "image": path})
+    imgs.save_png(imgs.image_grid(images[:32], cols=8), os.path.join(out_dir, "t2i_grid.png"))
+    return hits / max(len(specs), 1), records
+
+
+def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: int = 32,
+                 max_new_tokens: int = 4) -> tuple[float, list[dict]]:
+    specs = heldout_specs(world, n, seed + 1)
+    lay = layout(run)
+    prompt = VICUNA_V1_1.prompt([("user", "<image>\n" + VQA_QUESTION), ("assistant", None)])
+    ids = prompt_ids(prompt, run.tokenizer, lay, run.specials)
+    side = run.model.config.vision.image_size
+    stop = [run.specials.eos]
+    records, hits = [], 0
+    for start in range(0, len(specs), batch):
+        chunk = specs[start : start + batch]
+        pixels = np.stack([imgs.clip_preprocess(render(s, world.resolution), side) for s in chunk])[:, None]
+        outs = generate_text(run.model, run.params, [ids] * len(chunk), images_in=pixels,
+                             images_in_mask=np.ones((len(chunk), 1), bool), max_new_tokens=max_new_tokens,
+                             stop_ids=stop)
+        for spec, out in zip(chunk, outs):
+            answer = run.tokenizer.decode(out, skip_special_tokens=True).strip()
+            first = answer.split()[0].strip(".,").lower() if answer.split() else ""
+            hits += first == spec.color
+            records.append({"question": VQA_QUESTION, "truth": spec.color, "answer": answer,
+                            "spec": spec.key()})
+    return hits / max(len(specs), 1), records
+
+
+def evaluate(run: Run, out_dir: str, *, n: int = 64, steps: int | None = None, guidance: float | None = None,
+             seed: int = 0) -> dict[str, float]:
+    os.makedirs(out_dir, exist_ok=True)
+    world = ShapesWorld(seed=int(run.config.data.seed), resolution=max(int(run.config.data.resolution_out), 32))
+    steps = int(run.config.sample.steps) if steps is None else steps
+    guidance = float(run.config.sample.guidance) if guidance is None else guidance
+    color, t2i = color_accuracy(run, world, n, out_dir, steps=steps, guidance=guidance, seed=seed)
+    vqa, answers = vqa_accuracy(run, world, n, seed=seed)
+    with open(os.path.join(out_dir, "samples.json"), "w") as f:
+        json.dump({"text_to_image": t2i, "vqa": answers, "color_accuracy": color, "vqa_accuracy": vqa}, f, indent=1)
+    return {"color_accuracy": color, "vqa_accuracy": vqa}

@@ -1,0 +1,202 @@
+"""`dreamjax train`: build everything from a config, run the sharded step, log, checkpoint.
+
+Every process of a multi-host job runs this same program (JAX multi-controller); `jax.distributed` is
+initialised by the CLI before we get here. Each host feeds its own shard of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
+from dreamjax.data.synthetic import ShapesWorld
+from dreamjax.data.tokenize import LayoutConfig
+from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer, load_tokenizer
+from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
+from dreamjax.models.dreamllm import DreamLLM, DreamLLMConfig, SpecialTokenIds, build_config, init_params
+from dreamjax.parallel.mesh import describe, make_mesh
+from dreamjax.parallel.sharding import check_batch_divides, rules_from_config
+from dreamjax.train import checkpoint
+from dreamjax.train.metrics import MetricsWriter, Progress
+from dreamjax.train.optimizer import get_stage, make_optimizer
+from dreamjax.train.state import create_state
+from dreamjax.train.step import StepConfig, make_train_step, shard_batch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {  # name -> (compute dtype, trainable param dtype, frozen param dtype)
+    "fp32": (jnp.float32, jnp.float32, jnp.float32),
+    "bf16": (jnp.bfloat16, jnp.float32, jnp.bfloat16),  # fp32 master weights, bf16 compute
+    "pure_bf16": (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),  # upstream: everything bf16, no master copy
+}
+
+
+def synthetic_world(config: ConfigDict) -> ShapesWorld:
+    return ShapesWorld(seed=int(config.data.seed), resolution=max(int(config.data.resolution_out), 32))
+
+
+def build_tokenizer(config: ConfigDict):
+    if config.tokenizer == "synthetic":
+        return build_word_tokenizer(synthetic_world(config).vocabulary())
+    return load_tokenizer(config.tokenizer)
+
+
+def build_model(config: ConfigDict, tokenizer) -> tuple[DreamLLM, Schedule]:
+    if config.train.precision not in PRECISIONS:
+        raise ValueError(f"config.train.precision must be one of {sorted(PRECISIONS)}, got "
+                         f"{config.train.precision!r}")
+    compute, _, _ = PRECISIONS[config.train.precision]
+    model_cfg = build_config(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model,
+                             vocab_size=len(tokenizer), tokens=SpecialTokenIds.from_ids(SpecialIds.from_tokenizer(tokenizer)), dtype=compute)
+    if model_cfg.vae is None and model_cfg.unet.sample_size != int(config.data.resolution_out):
+        raise ValueError(f"pixel-space diffusion (model.vae=None) needs model.unet.sample_size "
+                         f"({model_cfg.unet.sample_size}) == data.resolution_out ({config.data.resolution_out})")
+    schedule = Schedule.create(ScheduleConfig.from_diffusers(dict(config.model.schedule)))
+    return DreamLLM(model_cfg), schedule
+
+
+def build_sources(config: ConfigDict) -> tuple[dict, dict]:
+    if config.data.source != "synthetic":
+        raise ValueError(f"config.data.source {config.data.source!r} is not supported yet; use 'synthetic'")
+    world = synthetic_world(config)
+    n = 1_000_000  # records are generated on the fly from their index
+    sources = {"pairs": world.pairs("train", n), "conversations": world.conversations("train", n),
+               "documents": world.documents("train", n)}
+    weights = dict(config.data.mixture)
+    unknown = set(weights) - set(sources)
+    if unknown:
+        raise ValueError(f"config.data.mixture: unknown sources {sorted(unknown)}; known: {sorted(sources)}")
+    return sources, weights
+
+
+def pipeline_config(config: ConfigDict, model_cfg: DreamLLMConfig, per_host_batch: int) -> PipelineConfig:
+    d = config.data
+    return PipelineConfig(
+        layout=LayoutConfig(num_image_tokens=model_cfg.num_image_tokens, num_dream_queries=model_cfg.num_dream_queries,
+                            max_length=int(d.max_length), mode=d.mode),
+        per_host_batch=per_host_batch, max_images_in=int(d.max_images_in), max_images_out=int(d.max_images_out),
+        resolution_in=model_cfg.vision.image_size, resolution_out=int(d.resolution_out),
+        random_flip=bool(d.random_flip), seed=int(d.seed), num_workers=int(d.num_workers),
+    )
+
+
+def save_run_files(workdir: str, config: ConfigDict, tokenizer) -> None:
+    """The resolved config and the tokenizer, so `dreamjax generate` needs nothing but the workdir."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+
+
+def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+    """Train per `config`; returns the last logged metrics."""
+    t_start = time.time()
+    tokenizer = build_tokenizer(config)
+    model, schedule = build_model(config, tokenizer)
+    mcfg = model.config
+    stage = get_stage(config.train.stage, config.train.trainable, config.train.loss_weights)
+    mesh = make_mesh({k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")}, config.mesh.dcn)
+    rules = rules_from_config(config.mesh.rules)
+    global_batch = int(config.train.global_batch_size)
+    check_batch_divides(global_batch, mesh, rules)
+    if global_batch % jax.process_count():
+        raise ValueError(f"global batch {global_batch} does not divide over {jax.process_count()} processes")
+    accum = int(config.train.grad_accum_steps)
+    if accum < 1 or global_batch % accum:
+        raise ValueError(f"grad_accum_steps {accum} must be >= 1 and divide the global batch {global_batch}")
+    steps = int(config.train.steps)
+    if steps < 1:
+        raise ValueError(f"config.train.steps must be >= 1, got {steps}")
+    log.info("mesh %s, stage %s (trainable: %s)", describe(mesh), config.train.stage, ", ".join(stage.trainable))
+
+    _, train_dtype, frozen_dtype = PRECISIONS[config.train.precision]
+    tx, lr_schedule = make_optimizer(
+        learning_rate=float(config.train.learning_rate), total_steps=steps,
+        warmup_steps=int(config.train.warmup_steps), weight_decay=float(config.train.weight_decay),
+        grad_clip_norm=config.train.grad_clip_norm,
+    )
+    state, shardings = create_state(
+        lambda k: init_params(model, k), tx, stage.trainable, mesh, rules, jax.random.PRNGKey(int(config.seed)),
+        frozen_dtype=None if frozen_dtype == jnp.float32 else frozen_dtype,
+        trainable_dtype=None if train_dtype == jnp.float32 else train_dtype,
+    )
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.trainable))
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
+    log.info("parameters: %s trainable, %s frozen", f"{n_params:,}", f"{n_frozen:,}")
+
+    sources, weights = build_sources(config)
+    per_host = global_batch // jax.process_count()
+    data = make_dataset(sources, weights, tokenizer, pipeline_config(config, mcfg, per_host),
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(data)
+
+    save_run_files(workdir, config, tokenizer)
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
+                              with_data=True)
+    start = 0
+    if mngr.latest_step() is not None:
+        state, start = checkpoint.restore_latest(mngr, state, shardings, data_iter)
+        log.info("resumed from step %d", start)
+
+    step_fn = make_train_step(
+        model, tx, schedule,
+        StepConfig(stage.loss_weight_lm, stage.loss_weight_vm, accum, float(config.train.condition_dropout)),
+        mesh, rules, shardings,
+    )
+    stop = {"signal": None}
+
+    def on_sigterm(signum, _frame):  # preemption: save and leave cleanly
+        stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    bar = Progress(total=steps, initial=start, enabled=progress and jax.process_index() == 0)
+    skips_total: dict[str, int] = {}
+    last: dict[str, Any] = {}
+    tokens_seen = 0.0
+    t_log = time.time()
+    try:
+        for step in range(start, steps):
+            batch = next(data_iter)
+            for k, v in batch.pop(SKIPS_KEY).items():
+                skips_total[k] = skips_total.get(k, 0) + v
+            tokens_seen += float(batch["segment_ids"].astype(bool).sum())
+            state, metrics = step_fn(state, shard_batch(batch, mesh, rules))
+            done = step + 1
+            if done % int(config.train.log_every) == 0 or done == steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.time() - t_log
+                m.update(step=done, learning_rate=float(lr_schedule(done - 1)),
+                         tokens_per_s=tokens_seen * jax.process_count() / max(dt, 1e-9),
+                         data_skips=sum(skips_total.values()))
+                writer.write(done, m)
+                bar.update(done, m)
+                last, tokens_seen, t_log = m, 0.0, time.time()
+            if done % int(config.train.checkpoint_every) == 0 or done == steps or stop["signal"]:
+                checkpoint.save(mngr, state, data_iter, force=done == steps or bool(stop["signal"]))
+            if stop["signal"]:
+                log.warning("received signal %s: checkpoint saved at step %d, stopping", stop["signal"], done)
+                break
+        mngr.wait_until_finished()
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        bar.close()
+        writer.close()
+        mngr.close()
+    if skips_total and jax.process_index() == 0:
+        with open(os.path.join(workdir, "data_skips.json"), "w") as f:
+            json.dump(skips_total, f, indent=2, sort_keys=True)
+    last["train_seconds"] = time.time() - t_start
+    return last
