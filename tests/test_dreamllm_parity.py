@@ -13,6 +13,7 @@ repeats them exactly (same key split, same shapes) and hands them to the oracle.
 changes how it uses the rng, only `vm_loss` (and the gradients) disagree: update `_jax_draws`.
 """
 
+import contextlib
 import functools
 import time
 
@@ -46,6 +47,10 @@ MAX_IMAGES_IN = 3
 MAX_IMAGES_OUT = 3
 RES_IN = 16  # CLIP side: 16 px, patch 8 -> 4 image tokens
 NUM_QUERIES = 4
+# Stage II/III (spec 1.6): the LLM and the three plugins train; CLIP, UNet and VAE are frozen (no gradients).
+TRAINABLE = ("llm", "dream_queries", "visual_projector", "condition_projector")
+FROZEN_TORCH = ("model.clip_vision_embedding.clip_vision_model.", "stable_diffusion_head.unet.",
+                "stable_diffusion_head.vae.")
 
 # Unrolled layers (scan_layers=False) compile faster on CPU; scanned layers have their own parity tests.
 LLM = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4, rms_norm_eps=1e-5,
@@ -115,9 +120,7 @@ def batch_for(res_out: int) -> dict[str, np.ndarray]:
 
 
 def special_token_ids() -> SpecialTokenIds:
-    _, s, _ = tokenizer_and_world()
-    return SpecialTokenIds(bos=s.bos, im_start=s.im_start, im_patch=s.im_patch, dream_start=s.dream_start,
-                           dream_end=s.dream_end)
+    return SpecialTokenIds.from_ids(tokenizer_and_world()[1])
 
 
 # ----------------------------------------------------------------------------- models
@@ -185,6 +188,17 @@ def _jax_draws(rng, batch: dict, cfg):
     return latent_noise, noise, t
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Tiny ops: one intra-op thread is much faster than several (OpenMP sync), worst on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_torch(oracle: DreamLLMForCausalMLM, batch: dict, draws) -> dict:
     """The oracle on the batch (NHWC -> NCHW), with gradients of the total loss in `.grad`."""
     latent_noise, noise, t = (None if d is None else np.asarray(d) for d in draws)
@@ -209,10 +223,6 @@ def run_torch(oracle: DreamLLMForCausalMLM, batch: dict, draws) -> dict:
     return out
 
 
-# Stage II/III (spec 1.6): the LLM and the three plugins train; CLIP, UNet and VAE are frozen (no gradients).
-TRAINABLE = ("llm", "dream_queries", "visual_projector", "condition_projector")
-FROZEN_TORCH = ("model.clip_vision_embedding.clip_vision_model.", "stable_diffusion_head.unet.",
-                "stable_diffusion_head.vae.")
 # The programs are tiny and run once or twice: LLVM's backend optimisations cost more than they save
 # (about 2.5x faster compiles on CPU; same HLO, same results to well within the tolerance).
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -265,7 +275,9 @@ def test_forward_loss_and_gradients_match_torch(case):
     jbatch = jax.tree.map(jnp.asarray, batch)
     rng = jax.random.PRNGKey(7)
 
-    ref = run_torch(oracle, batch, _jax_draws(rng, jbatch, cfg))
+    draws = jax.jit(functools.partial(_jax_draws, batch=jbatch, cfg=cfg), compiler_options=FAST_COMPILE)(rng)
+    with torch_threads(1):
+        ref = run_torch(oracle, batch, draws)
     logits, cond, present, loss, lm, vm, grads = run(params, jbatch, rng)
 
     errs = {}
