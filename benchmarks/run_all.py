@@ -1,6 +1,6 @@
 """JAX (jit) vs PyTorch (eager) on the same weights: forward and forward+backward of LLaMA, CLIP vision, UNet.
 
-    .venv/bin/python benchmarks/run_all.py                  # everything, default sizes (~2-3 min on 2 cores)
+    .venv/bin/python benchmarks/run_all.py                  # everything, default sizes (~2.5 min on 2 idle cores)
     .venv/bin/python benchmarks/run_all.py --only llama     # one model (comma-separated list allowed)
     .venv/bin/python benchmarks/run_all.py --quick --tiny   # smoke run: few reps, tiny models
 
@@ -11,7 +11,8 @@ the outputs; fwd+bwd: the loss and every parameter gradient, max over tensors of
 Timing: JAX functions are jitted and compiled ahead of time (compile time reported separately, not in the
 step time), every call ends in block_until_ready; PyTorch runs eager fp32 (forward under inference_mode)
 with torch.set_num_threads = the cores this process may use. JAX and PyTorch repetitions are interleaved
-(alternating which goes first) so both see the same machine noise; the table shows medians.
+(alternating which goes first, a 20 ms untimed pause before each call) so both see the same machine noise;
+the table shows medians, plus the ratio of the fastest reps (steadier when the machine is shared).
 fwd+bwd: loss = mean(output**2), gradients w.r.t. all parameters (torch: zero_grad + backward).
 """
 
@@ -41,10 +42,13 @@ import torch  # noqa: E402
 from benchmarks import models  # noqa: E402
 from dreamjax.convert import core  # noqa: E402
 
-# (reps, warmup) per mode; --reps overrides reps.
-REPS = {"default": (10, 2), "quick": (3, 1)}
-# The UNet step is ~5x the others: fewer reps keep the default run within ~3 minutes.
-REP_SCALE = {"unet": 0.6}
+# Timed repetitions: at most MAX_REPS, fewer when a round (one call of each framework) is slow, so that a
+# (model, mode) takes about --budget seconds; never fewer than MIN_REPS. --reps N fixes the count.
+# (No separate warmup: the agreement check runs every function once before the timing.)
+MAX_REPS, MIN_REPS = 15, 5
+QUICK_REPS = 3
+DEFAULT_BUDGET_S = 10.0
+SETTLE_S = 0.02  # untimed pause before every timed call
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -76,12 +80,15 @@ def grads_max_rel_err(actual, expected, floor: float = 1e-3) -> float:
     return worst
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Run each fn `warmup` times, then `reps` rounds of all of them (order alternating every round);
-    returns wall times in ms. The garbage collector is off while timing (as in timeit)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+def interleaved(fns: dict[str, Callable[[], object]], reps: int | None, budget_s: float,
+                round_s: float) -> dict[str, list[float]]:
+    """Rounds of one call of each fn (order alternating every round); returns wall times in ms.
+
+    The caller has already run every fn once (the agreement check is the warmup) and measured `round_s`, the
+    time of one round. reps None: as many rounds as fit in `budget_s`, within MIN_REPS..MAX_REPS.
+    The garbage collector is off while timing (as in timeit)."""
+    if reps is None:
+        reps = max(MIN_REPS, min(MAX_REPS, int(budget_s / max(round_s, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     gc.collect()
@@ -89,12 +96,20 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) ->
     try:
         for r in range(reps):
             for k in keys if r % 2 == 0 else keys[::-1]:
+                time.sleep(SETTLE_S)  # let the other framework's idle worker threads stop spinning
                 t0 = time.perf_counter()
                 fns[k]()
                 times[k].append((time.perf_counter() - t0) * 1e3)
     finally:
         gc.enable()
     return times
+
+
+def timed(fn: Callable[[], object]):
+    """(fn(), seconds)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
 
 
 def compile_jax(fn, *args):
@@ -113,7 +128,7 @@ def torch_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- one model
 
 
-def bench_case(case: models.Case, reps: int, warmup: int, use_torch_compile: bool) -> list[dict]:
+def bench_case(case: models.Case, reps: int | None, budget_s: float, use_torch_compile: bool) -> list[dict]:
     params, inputs, tmodel = case.jax_params, case.jax_inputs, case.torch_model
 
     def loss_fn(p, *xs):
@@ -138,13 +153,15 @@ def bench_case(case: models.Case, reps: int, warmup: int, use_torch_compile: boo
         loss.backward()
         return loss
 
-    # --- agreement (also the first, untimed calls)
-    out_err = max_rel_err(jax_fwd(), case.to_jax_layout(core.to_numpy(torch_fwd())))
-    loss_j, grads_j = jax_fwd_bwd()
-    loss_t = torch_fwd_bwd()
+    # --- agreement; these first calls are also the warmup and tell how long a round takes
+    (out_j, tj), (out_t, tt) = timed(jax_fwd), timed(torch_fwd)
+    out_err = max_rel_err(out_j, case.to_jax_layout(core.to_numpy(out_t)))
+    fwd_round_s = tj + tt
+    ((loss_j, grads_j), tj), (loss_t, tt) = timed(jax_fwd_bwd), timed(torch_fwd_bwd)
+    bwd_round_s = tj + tt
     grads_t = case.grads_to_flax(torch_grads(tmodel))
     grad_err = max(max_rel_err(loss_j, loss_t.item()), grads_max_rel_err(grads_j, grads_t))
-    del grads_j, grads_t
+    del out_j, out_t, grads_j, grads_t
 
     fns = {"jax_fwd": jax_fwd, "torch_fwd": torch_fwd}
     fns_bwd = {"jax_fwd_bwd": jax_fwd_bwd, "torch_fwd_bwd": torch_fwd_bwd}
@@ -153,20 +170,19 @@ def bench_case(case: models.Case, reps: int, warmup: int, use_torch_compile: boo
         # Opt-in: inductor needs a C++ compiler and takes a while; any failure just drops the column.
         try:
             cmodel = torch.compile(tmodel)
-            t0 = time.perf_counter()
-            torch_fwd(cmodel)
-            compiled_note["fwd"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            torch_fwd_bwd(cmodel)
-            compiled_note["fwd_bwd"] = time.perf_counter() - t0
+            (_, compiled_note["fwd"]), (_, compiled_note["fwd_bwd"]) = (
+                timed(lambda: torch_fwd(cmodel)), timed(lambda: torch_fwd_bwd(cmodel)))
+            _, t_fwd_c = timed(lambda: torch_fwd(cmodel))  # a warm call, for the round-time estimate
+            _, t_bwd_c = timed(lambda: torch_fwd_bwd(cmodel))
             fns["torchc_fwd"] = lambda: torch_fwd(cmodel)
             fns_bwd["torchc_fwd_bwd"] = lambda: torch_fwd_bwd(cmodel)
+            fwd_round_s, bwd_round_s = fwd_round_s + t_fwd_c, bwd_round_s + t_bwd_c
         except Exception as e:  # noqa: BLE001 - optional, report and continue
             print(f"  [{case.name}] torch.compile skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}",
                   flush=True)
 
-    t_fwd = interleaved(fns, reps, warmup)
-    t_bwd = interleaved(fns_bwd, reps, warmup)
+    t_fwd = interleaved(fns, reps, budget_s, fwd_round_s)
+    t_bwd = interleaved(fns_bwd, reps, budget_s, bwd_round_s)
 
     rows = []
     for mode, times, err, compile_s in (("fwd", t_fwd, out_err, fwd_compile_s),
@@ -176,7 +192,8 @@ def bench_case(case: models.Case, reps: int, warmup: int, use_torch_compile: boo
         torch_ms = statistics.median(times[f"torch_{key}"])
         row = dict(name=f"{case.name}/{mode}", jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms,
                    max_rel_err=err, compile_s=compile_s, reps=len(times[f"jax_{key}"]),
-                   jax_ms_min=min(times[f"jax_{key}"]), torch_ms_min=min(times[f"torch_{key}"]))
+                   jax_ms_min=min(times[f"jax_{key}"]), torch_ms_min=min(times[f"torch_{key}"]),
+                   times_ms={k: [round(t, 2) for t in v] for k, v in times.items()})
         if f"torchc_{key}" in times:
             row["torch_compile_ms"] = statistics.median(times[f"torchc_{key}"])
             row["torch_compile_ratio"] = row["torch_compile_ms"] / jax_ms
@@ -211,7 +228,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test)")
     ap.add_argument("--only", default=None,
                     help=f"comma-separated subset of {','.join(models.BUILDERS)} (default: all)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per function (default 10, quick 3)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help=f"timed repetitions per function (default: {MIN_REPS}..{MAX_REPS} to fit --budget; "
+                         f"quick: {QUICK_REPS})")
+    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                    help="seconds of timed repetitions per model and mode (default %(default)s)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also time torch.compile (inductor; slow to compile, skipped if it fails)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -228,7 +249,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(cores)
-    reps, warmup = REPS["quick" if args.quick else "default"]
+    reps = args.reps or (QUICK_REPS if args.quick else None)
     size = "tiny" if args.tiny else "default"
     print(f"dreamjax benchmarks: jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), {cores} cores, "
@@ -240,18 +261,21 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         case = models.BUILDERS[name](size)
         build_s = time.perf_counter() - t0
-        n = args.reps or (reps if args.quick else max(3, round(reps * REP_SCALE.get(name, 1.0))))
-        case_rows = bench_case(case, n, warmup, args.torch_compile)
+        case_rows = bench_case(case, reps, args.budget, args.torch_compile)
         rows += case_rows
         notes.append(f"  {name}: {case.description}")
         print(f"  {name}: built + converted in {build_s:.1f}s, benchmarked in "
-              f"{time.perf_counter() - t0 - build_s:.1f}s ({n} reps)", flush=True)
+              f"{time.perf_counter() - t0 - build_s:.1f}s ({'/'.join(str(r['reps']) for r in case_rows)} reps)",
+              flush=True)
         del case
 
     print()
     print(format_table(rows))
     print("ratio = torch ms / jax ms (>1: JAX faster), medians; ratio(min) = the same from the fastest reps "
           "(less sensitive to load); max rel err: fwd = outputs, fwd+bwd = loss and every gradient tensor")
+    for r in rows:
+        if "torch_compile_s" in r:
+            notes.append(f"  {r['name']}: torch.compile first call (compile) {r['torch_compile_s']:.1f}s")
     print("\n".join(notes))
     print(f"total {time.perf_counter() - t_start:.0f}s")
     if args.json:

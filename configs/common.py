@@ -44,7 +44,7 @@ def base_config() -> ConfigDict:
         stage="stage2", trainable=None, loss_weights=None, steps=1000, global_batch_size=8,
         learning_rate=2e-5, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0, grad_accum_steps=1,
         precision="bf16",  # "fp32" | "bf16" (fp32 master, bf16 compute) | "pure_bf16" (upstream)
-        condition_dropout=0.0, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
+        condition_dropout=0.0, noise_draws=1, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
     ))
 
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn=None, rules=None))

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.max_length = 128
     c.data.max_images_in = 2
     c.data.max_images_out = 1
-    c.data.mixture = ConfigDict(dict(pairs=0.5, conversations=0.35, documents=0.15))
+    c.data.mixture = ConfigDict(dict(pairs=0.6, conversations=0.3, documents=0.1))
 
     c.train.stage = "demo"
     c.train.loss_weights = (1.0, 1.0)
@@ -47,9 +47,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.log_every = 25
     c.train.checkpoint_every = 500
     c.train.precision = "fp32"
+    # Classifier-free guidance needs an unconditional branch the model has seen: a from-scratch model is
+    # trained with 10% condition dropout (upstream, with a pretrained SD, trains without it).
+    c.train.condition_dropout = 0.1
+    c.train.noise_draws = 2
 
     c.mesh.update(data=-1, fsdp=1, tensor=1)
-    c.sample.update(steps=50, guidance=2.0)
+    c.sample.update(steps=50, guidance=3.0, sampler="ddim")
     if arg == "smoke":  # a few steps, for tests
         c.train.steps = 3
         c.train.log_every = 1

@@ -13,3 +13,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Tests compile the same tiny models many times (train, then resume, then generate): a persistent
+# compilation cache shared by the xdist workers makes the repeats cheap.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("DREAMJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

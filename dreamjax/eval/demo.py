@@ -37,7 +37,7 @@ def layout(run: Run) -> LayoutConfig:
 
 
 def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps: int, guidance: float,
-                   seed: int = 0, batch: int = 32) -> tuple[float, list[dict]]:
+                   sampler: str = "ddpm", seed: int = 0, batch: int = 32) -> tuple[float, list[dict]]:
     specs = heldout_specs(world, n, seed)
     lay = layout(run)
     records, images = [], []
@@ -46,7 +46,7 @@ def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps:
         chunk = specs[start : start + batch]
         prompts = [prompt_ids(caption(s), run.tokenizer, lay, run.specials) for s in chunk]
         out = generate_images(run.model, run.params, run.schedule, prompts, negative=negative, num_steps=steps,
-                              guidance=guidance, seed=seed + start)
+                              guidance=guidance, sampler=sampler, seed=seed + start)
         images += [imgs.to_uint8(x) for x in out]
     hits = 0
     for i, (spec, img) in enumerate(zip(specs, images)):
@@ -83,12 +83,13 @@ def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: 
 
 
 def evaluate(run: Run, out_dir: str, *, n: int = 64, steps: int | None = None, guidance: float | None = None,
-             seed: int = 0) -> dict[str, float]:
+             sampler: str | None = None, seed: int = 0) -> dict[str, float]:
     os.makedirs(out_dir, exist_ok=True)
     world = ShapesWorld(seed=int(run.config.data.seed), resolution=max(int(run.config.data.resolution_out), 32))
     steps = int(run.config.sample.steps) if steps is None else steps
     guidance = float(run.config.sample.guidance) if guidance is None else guidance
-    color, t2i = color_accuracy(run, world, n, out_dir, steps=steps, guidance=guidance, seed=seed)
+    sampler = str(run.config.sample.sampler) if sampler is None else sampler
+    color, t2i = color_accuracy(run, world, n, out_dir, steps=steps, guidance=guidance, sampler=sampler, seed=seed)
     vqa, answers = vqa_accuracy(run, world, n, seed=seed)
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
         json.dump({"text_to_image": t2i, "vqa": answers, "color_accuracy": color, "vqa_accuracy": vqa}, f, indent=1)

@@ -71,7 +71,7 @@ class ResnetBlock2D(nn.Module):
         if self.use_temb:
             if temb is None:
                 raise ValueError("ResnetBlock2D(use_temb=True) needs a time embedding")
-            t = layers.dense(self.out_channels, ("embed", "conv_out"), use_bias=True,
+            t = layers.torch_dense(self.out_channels, ("embed", "conv_out"), use_bias=True,
                              name="time_emb_proj", **kw)(nn.silu(temb))
             h = h + t[:, None, None, :]  # [B, 1, 1, Cout]
         h = layers.group_norm(self.groups, self.eps, name="norm2", **kw)(h)
@@ -133,9 +133,9 @@ class SpatialSelfAttention(nn.Module):
         h = h.reshape(b, hgt * wid, c)  # [B, T, C], T = H*W in row-major order as in torch
 
         def proj(name):
-            y = layers.dense(c, ("embed", "heads"), use_bias=True, name=name, **kw)(h)
+            y = layers.torch_dense(c, ("embed", "heads"), use_bias=True, name=name, **kw)(h)
             return y.reshape(b, hgt * wid, self.num_heads, c // self.num_heads)  # [B, T, N, Dh]
 
         o = layers.attention(proj("to_q"), proj("to_k"), proj("to_v"))  # [B, T, N, Dh]
-        o = layers.dense(c, ("heads", "embed"), use_bias=True, name="to_out_0", **kw)(o.reshape(b, -1, c))
+        o = layers.torch_dense(c, ("heads", "embed"), use_bias=True, name="to_out_0", **kw)(o.reshape(b, -1, c))
         return x + o.reshape(b, hgt, wid, c)

@@ -20,6 +20,10 @@ import numpy as np
 Dtype = Any
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+# PyTorch's default for nn.Linear / nn.Conv2d weights, U(+-1/sqrt(fan_in)): what the diffusers modules
+# start from. A UNet trained from scratch with N(0, 0.02) kernels barely learns its cross-attention (two
+# small projections in a row), so the diffusion models use this.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def dense(
@@ -66,11 +70,17 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
+            torch_default_init, ("conv_height", "conv_width", "conv_in", "conv_out")
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
         name=name,
     )
+
+
+def torch_dense(features: int, axes: tuple[str, str], **kwargs) -> nn.Dense:
+    """`dense` with PyTorch's default kernel init (for modules that mirror PyTorch ones and may train
+    from scratch: UNet, VAE)."""
+    return dense(features, axes, kernel_init=torch_default_init, **kwargs)
 
 
 def layer_norm(eps: float, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

@@ -235,16 +235,16 @@ class Attention(nn.Module):
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
         inner = self.heads * self.head_dim
         src = x if context is None else context
-        q = layers.dense(inner, ("embed", "heads"), name="to_q", **kw)(x)
-        k = layers.dense(inner, ("embed", "heads"), name="to_k", **kw)(src)
-        v = layers.dense(inner, ("embed", "heads"), name="to_v", **kw)(src)
+        q = layers.torch_dense(inner, ("embed", "heads"), name="to_q", **kw)(x)
+        k = layers.torch_dense(inner, ("embed", "heads"), name="to_k", **kw)(src)
+        v = layers.torch_dense(inner, ("embed", "heads"), name="to_v", **kw)(src)
         q, k, v = (y.reshape(b, y.shape[1], self.heads, self.head_dim) for y in (q, k, v))  # [B, T|S, N, Dh]
         out_dtype = q.dtype
         if self.cfg.upcast_attention:
             q, k, v = (y.astype(jnp.float32) for y in (q, k, v))
         o = layers.attention(q, k, v, implementation=self.cfg.attention_impl).astype(out_dtype)
         o = o.reshape(b, t, inner)
-        return layers.dense(d, ("heads", "embed"), use_bias=True, name="to_out_0", **kw)(o)
+        return layers.torch_dense(d, ("heads", "embed"), use_bias=True, name="to_out_0", **kw)(o)
 
 
 class GEGLU(nn.Module):
@@ -255,7 +255,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = layers.dense(2 * self.inner, ("embed", "mlp"), use_bias=True, name="proj",
+        h = layers.torch_dense(2 * self.inner, ("embed", "mlp"), use_bias=True, name="proj",
                          dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)(x)
         value, gate = jnp.split(h, 2, axis=-1)
         return value * nn.gelu(gate, approximate=False)
@@ -270,7 +270,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         h = GEGLU(4 * d, self.cfg, name="net_0")(x)
-        return layers.dense(d, ("mlp", "embed"), use_bias=True, name="net_2",
+        return layers.torch_dense(d, ("mlp", "embed"), use_bias=True, name="net_2",
                             dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)(h)
 
 
@@ -309,7 +309,7 @@ class Transformer2D(nn.Module):
         h = layers.group_norm(cfg.norm_num_groups, 1e-6, name="norm", **kw)(x)
         if cfg.use_linear_projection:
             h = h.reshape(b, -1, c)
-            h = layers.dense(c, ("conv_in", "embed"), use_bias=True, name="proj_in", **kw)(h)
+            h = layers.torch_dense(c, ("conv_in", "embed"), use_bias=True, name="proj_in", **kw)(h)
         else:
             h = layers.conv(c, 1, padding=0, name="proj_in", **kw)(h).reshape(b, -1, c)
         # h: [B, H*W, C] (row-major positions, the order of torch's permute(0, 2, 3, 1).reshape)
@@ -317,7 +317,7 @@ class Transformer2D(nn.Module):
             block = BasicTransformerBlock(self.heads, c // self.heads, cfg, name=f"transformer_blocks_{i}")
             h = block(h, context)
         if cfg.use_linear_projection:
-            h = layers.dense(c, ("embed", "conv_out"), use_bias=True, name="proj_out", **kw)(h)
+            h = layers.torch_dense(c, ("embed", "conv_out"), use_bias=True, name="proj_out", **kw)(h)
             h = h.reshape(b, hgt, wid, c)
         else:
             h = layers.conv(c, 1, padding=0, name="proj_out", **kw)(h.reshape(b, hgt, wid, c))
@@ -422,8 +422,8 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, t_emb: jax.Array) -> jax.Array:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
-        h = layers.dense(self.features, ("conv_in", "mlp"), use_bias=True, name="linear_1", **kw)(t_emb)
-        return layers.dense(self.features, ("mlp", "embed"), use_bias=True, name="linear_2", **kw)(nn.silu(h))
+        h = layers.torch_dense(self.features, ("conv_in", "mlp"), use_bias=True, name="linear_1", **kw)(t_emb)
+        return layers.torch_dense(self.features, ("mlp", "embed"), use_bias=True, name="linear_2", **kw)(nn.silu(h))
 
 
 class UNet2DCondition(nn.Module):

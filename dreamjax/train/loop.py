@@ -152,7 +152,8 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[st
 
     step_fn = make_train_step(
         model, tx, schedule,
-        StepConfig(stage.loss_weight_lm, stage.loss_weight_vm, accum, float(config.train.condition_dropout)),
+        StepConfig(stage.loss_weight_lm, stage.loss_weight_vm, accum, float(config.train.condition_dropout),
+                   int(config.train.noise_draws)),
         mesh, rules, shardings,
     )
     stop = {"signal": None}

@@ -36,6 +36,9 @@ class StepConfig:
     # Probability of replacing a condition by the unconditional one (the query readout after BOS alone),
     # for classifier-free guidance training. Upstream trains without it (spec 1.4).
     condition_dropout: float = 0.0
+    # Noise draws (t, eps) per output image; the image's MSE is their mean. Upstream uses 1; more draws
+    # give the diffusion model more signal per LLM forward (the tiny demo uses several).
+    noise_draws: int = 1
 
     @property
     def uses_lm(self) -> bool:
@@ -50,33 +53,46 @@ def loss_terms(model: DreamLLM, params: Any, batch: dict, rng: jax.Array, schedu
                cfg: StepConfig) -> dict[str, jax.Array]:
     """Sums (not means) of both loss terms over this (micro-)batch."""
     max_out = batch["images_out"].shape[1] if cfg.uses_vm else 0
+    # Image slots without an image never enter a tower: masking their outputs afterwards is not enough,
+    # since a NaN/Inf there would still reach the gradients through the backward pass (0 * NaN = NaN)
+    # and skip the whole update.
+    images_in = _zero_absent(batch["images_in"], batch["images_in_mask"])
     logits, cond, present = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-        batch["images_in"], batch["images_in_mask"], max_images_out=max_out,
+        images_in, batch["images_in_mask"], max_images_out=max_out,
     )
     ce_sum, _ = losses.lm_loss_sum(logits, batch["labels"])
     out = {"ce_sum": ce_sum, "mse_sum": jnp.zeros((), jnp.float32)}
     if not cfg.uses_vm:
         return out
 
-    images = batch["images_out"]  # [B, No, R, R, 3] in [-1, 1]
+    mask = batch["images_out_mask"] & present  # [B, No]
+    images = _zero_absent(batch["images_out"], mask)  # [B, No, R, R, 3] in [-1, 1]
     b, no = images.shape[:2]
     images = images.reshape((b * no,) + images.shape[2:])
     cond = cond.reshape((b * no,) + cond.shape[2:])  # [B*No, Q, C]
     k_lat, k_noise, k_t, k_drop = jax.random.split(rng, 4)
     latents = model.apply({"params": params}, images, k_lat, method=DreamLLM.to_latents)
+    k = cfg.noise_draws
+    if k > 1:  # [K * B * No, ...]: each image (and its condition) noised K times
+        latents, cond = jnp.tile(latents, (k,) + (1,) * (latents.ndim - 1)), jnp.tile(cond, (k, 1, 1))
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32).astype(latents.dtype)
-    t = jax.random.randint(k_t, (b * no,), 0, schedule.num_train_timesteps)
+    t = jax.random.randint(k_t, (k * b * no,), 0, schedule.num_train_timesteps)
     if cfg.condition_dropout > 0:
         uncond = unconditional_condition(model, params, batch["tokens"].dtype)  # [Q, C]
-        drop = jax.random.bernoulli(k_drop, cfg.condition_dropout, (b * no, 1, 1))
+        drop = jax.random.bernoulli(k_drop, cfg.condition_dropout, (k * b * no, 1, 1))
         cond = jnp.where(drop, uncond[None].astype(cond.dtype), cond)
     noisy = add_noise(schedule, latents, noise, t)
     pred = model.apply({"params": params}, noisy, t, cond, method=DreamLLM.denoise)
-    mse = losses.per_image_mse(pred, training_target(schedule, latents, noise, t))
-    mask = (batch["images_out_mask"] & present).reshape(-1)
-    out["mse_sum"] = jnp.sum(jnp.where(mask, mse, 0.0))
+    mse = losses.per_image_mse(pred, training_target(schedule, latents, noise, t)).reshape(k, b * no).mean(0)
+    out["mse_sum"] = jnp.sum(jnp.where(mask.reshape(-1), mse, 0.0))
     return out
+
+
+def _zero_absent(images: jax.Array, mask: jax.Array) -> jax.Array:
+    """images [B, N, ...] with the slots where mask [B, N] is False set to 0."""
+    mask = mask.reshape(mask.shape + (1,) * (images.ndim - mask.ndim))
+    return jnp.where(mask, images, jnp.zeros((), images.dtype))
 
 
 def unconditional_condition(model: DreamLLM, params: Any, dtype=jnp.int32) -> jax.Array:
@@ -124,13 +140,15 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
                 acc_loss, acc_aux, acc_grads = carry
                 mb, key = xs
                 (mb_loss, ax), g = grad_fn(state.trainable, state.frozen, mb, key, n_tokens, n_images)
-                return (acc_loss + mb_loss, jax.tree.map(jnp.add, acc_aux, ax), jax.tree.map(jnp.add, acc_grads, g)), None
+                acc = (acc_loss + mb_loss, jax.tree.map(jnp.add, acc_aux, ax), jax.tree.map(jnp.add, acc_grads, g))
+                return acc, None
 
             zeros_aux = {"lm_loss": 0.0, "vm_loss": 0.0, "lm_dropped": 0, "vm_dropped": 0}
             zeros_aux = jax.tree.map(jnp.asarray, zeros_aux)
             init = (jnp.zeros((), jnp.float32), zeros_aux, jax.tree.map(jnp.zeros_like, state.trainable))
             (loss, aux, grads), _ = jax.lax.scan(body, init, (micro, keys))
-            aux = {**aux, "lm_dropped": jnp.minimum(aux["lm_dropped"], 1), "vm_dropped": jnp.minimum(aux["vm_dropped"], 1)}
+            aux = {**aux, "lm_dropped": jnp.minimum(aux["lm_dropped"], 1),
+                   "vm_dropped": jnp.minimum(aux["vm_dropped"], 1)}
 
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm)

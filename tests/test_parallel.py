@@ -1,0 +1,212 @@
+"""Mesh construction and logical sharding rules (DESIGN section 4): no compiles, milliseconds.
+
+conftest.py gives 8 host CPU devices.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dreamjax.parallel.mesh import MESH_AXES, MeshError, make_mesh, resolve_axis_sizes
+from dreamjax.parallel.sharding import (
+    DEFAULT_RULES,
+    batch_axes,
+    batch_sharding,
+    check_batch_divides,
+    data_parallel_size,
+    logical_sharding,
+    rules_from_config,
+)
+
+
+def _shape(mesh):
+    return tuple(mesh.shape[a] for a in MESH_AXES)
+
+
+def test_eight_devices():
+    assert len(jax.devices()) == 8, "conftest.py should force 8 host devices"
+
+
+# ------------------------------------------------------------------------------------------------ make_mesh
+
+
+@pytest.mark.parametrize(
+    "sizes, expected",
+    [
+        ({"data": -1}, (8, 1, 1)),
+        ({"fsdp": -1}, (1, 8, 1)),
+        ({"data": 2, "fsdp": -1}, (2, 4, 1)),
+        ({"data": 1, "fsdp": -1, "tensor": 2}, (1, 4, 2)),
+        ({"data": 2, "fsdp": 2, "tensor": -1}, (2, 2, 2)),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, (2, 2, 2)),
+        ((2, 4, 1), (2, 4, 1)),  # a plain 3-tuple in MESH_AXES order
+        ((-1, 1, 4), (2, 1, 4)),
+    ],
+)
+def test_make_mesh_resolves_sizes(sizes, expected):
+    mesh = make_mesh(sizes)
+    assert mesh.axis_names == MESH_AXES
+    assert _shape(mesh) == expected
+    assert mesh.devices.size == 8
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+
+
+def test_make_mesh_on_a_device_subset():
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    assert _shape(mesh) == (1, 1, 1)
+    assert list(mesh.devices.flat) == [jax.devices()[0]]
+    mesh = make_mesh({"data": -1, "tensor": 2}, devices=jax.devices()[:4])
+    assert _shape(mesh) == (2, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "sizes, numbers",
+    [
+        ({"data": 3}, ["3", "8"]),  # product 3 != 8
+        ({"data": 2, "fsdp": 2}, ["4", "8"]),  # product 4 != 8: no silent -1
+        ({"data": 4, "fsdp": 4}, ["16", "8"]),  # more than there are
+        ({"data": 3, "fsdp": -1}, ["3", "8"]),  # fixed part does not divide
+        ({"data": 2, "fsdp": 3, "tensor": -1}, ["6", "8"]),
+    ],
+)
+def test_make_mesh_not_dividing_devices_raises_with_numbers(sizes, numbers):
+    with pytest.raises(MeshError) as info:
+        make_mesh(sizes)
+    msg = str(info.value)
+    for n in numbers:
+        assert re.search(rf"\b{n}\b", msg), f"{n!r} missing from {msg!r}"
+    assert "devices" in msg
+
+
+def test_mesh_error_is_a_value_error():
+    # config validation code may catch ValueError
+    assert issubclass(MeshError, ValueError)
+    with pytest.raises(ValueError):
+        make_mesh({"data": 5})
+
+
+def test_unknown_axis_names_raise():
+    with pytest.raises(MeshError, match="model") as info:
+        make_mesh({"data": 2, "model": 4})
+    # the message lists the axes that do exist
+    for axis in MESH_AXES:
+        assert axis in str(info.value)
+    with pytest.raises(MeshError, match="sequence"):
+        resolve_axis_sizes({"sequence": -1}, 8)
+
+
+def test_multiple_free_axes_raise():
+    with pytest.raises(MeshError, match="-1"):
+        make_mesh({"data": -1, "fsdp": -1})
+    with pytest.raises(MeshError, match="at most one"):
+        make_mesh((-1, -1, -1))
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_non_positive_sizes_raise(bad):
+    with pytest.raises(MeshError, match=str(bad)):
+        make_mesh({"data": bad, "fsdp": -1})
+
+
+def test_resolve_axis_sizes_without_devices():
+    assert resolve_axis_sizes({"data": -1, "tensor": 4}, 256) == (64, 1, 4)
+    assert resolve_axis_sizes({}, 1) == (1, 1, 1)
+    with pytest.raises(MeshError, match="dcn mesh"):
+        resolve_axis_sizes({"data": 3}, 2, what="dcn mesh")
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def test_default_rules_map_batch_over_data_and_fsdp():
+    rules = dict(DEFAULT_RULES)
+    assert rules["batch"] == ("data", "fsdp")
+    assert batch_axes(DEFAULT_RULES) == ("data", "fsdp")
+    assert rules["embed"] == "fsdp"
+    for name in ("heads", "mlp", "vocab"):
+        assert rules[name] == "tensor", name
+    # every rule targets a real mesh axis
+    for name, axes in DEFAULT_RULES:
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+        assert set(names) <= set(MESH_AXES), (name, axes)
+
+
+def test_rules_from_config():
+    assert rules_from_config(None) == tuple(DEFAULT_RULES)
+    assert rules_from_config([["batch", ["data"]], ["embed", None], ["mlp", "tensor"]]) == (
+        ("batch", ("data",)), ("embed", None), ("mlp", "tensor"))
+
+
+@pytest.mark.parametrize(
+    "sizes, dp",
+    [((8, 1, 1), 8), ((2, 4, 1), 8), ((1, 4, 2), 4), ((2, 2, 2), 4), ((1, 1, 8), 1)],
+)
+def test_data_parallel_size_and_batch_sharding(sizes, dp):
+    mesh = make_mesh(sizes)
+    assert data_parallel_size(mesh, DEFAULT_RULES) == dp
+    sh = batch_sharding(mesh, DEFAULT_RULES, 5)
+    assert sh.spec == PartitionSpec(("data", "fsdp"), None, None, None, None)
+    x = jax.device_put(jnp.zeros((8, 3)), batch_sharding(mesh, DEFAULT_RULES, 2))
+    assert x.addressable_shards[0].data.shape == (8 // dp, 3)
+
+
+def test_check_batch_divides():
+    mesh = make_mesh((2, 2, 2))
+    check_batch_divides(8, mesh, DEFAULT_RULES)
+    check_batch_divides(4, mesh, DEFAULT_RULES)
+    with pytest.raises(ValueError) as info:
+        check_batch_divides(6, mesh, DEFAULT_RULES)
+    msg = str(info.value)
+    assert "6" in msg and "4-way" in msg and "multiple of 4" in msg
+    assert "data" in msg and "fsdp" in msg  # says which axes carry the batch
+    with pytest.raises(ValueError, match=r"\b12\b.*\b8-way"):
+        check_batch_divides(12, make_mesh({"data": -1}), DEFAULT_RULES)
+    # no batch rule: no data parallelism, every batch size divides
+    check_batch_divides(3, mesh, [("batch", None)])
+
+
+def _boxed(shape, names):
+    return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)
+
+
+def test_logical_sharding_maps_names_and_replicates_what_does_not_divide():
+    mesh = make_mesh((2, 2, 2))  # data, fsdp, tensor
+    tree = {
+        "embed_tokens": _boxed((10, 32), ("vocab", "embed")),  # vocab 10 % 2 == 0, embed 32 % 2 == 0
+        "odd_vocab": _boxed((7, 32), ("vocab", "embed")),  # 7 is not divisible by tensor=2
+        "odd_embed": _boxed((8, 5), ("mlp", "embed")),  # 5 is not divisible by fsdp=2
+        "qkv": _boxed((32, 4, 8), ("embed", "heads", "head_dim")),
+        "stacked": _boxed((3, 32, 16), ("layers", "embed", "mlp")),
+        "conv": _boxed((3, 3, 8, 16), ("conv_height", "conv_width", "conv_in", "conv_out")),
+        "unnamed": jax.ShapeDtypeStruct((4, 4), jnp.float32),
+        "scalar": jax.ShapeDtypeStruct((), jnp.float32),
+    }
+    sh = logical_sharding(tree, mesh, DEFAULT_RULES)
+    for v in jax.tree.leaves(sh):
+        assert isinstance(v, NamedSharding) and v.mesh == mesh
+    spec = {k: tuple(v.spec) + (None,) * (len(getattr(nn.meta.unbox(tree[k]), "shape", ())) - len(v.spec))
+            for k, v in sh.items()}
+    assert spec["embed_tokens"] == ("tensor", "fsdp")
+    assert spec["odd_vocab"] == (None, "fsdp")
+    assert spec["odd_embed"] == ("tensor", None)
+    assert spec["qkv"] == ("fsdp", "tensor", None)
+    assert spec["stacked"] == (None, "fsdp", "tensor")
+    assert spec["conv"] == (None, None, None, "fsdp")
+    assert spec["unnamed"] == (None, None)
+    assert spec["scalar"] == ()
+    # the shardings are usable as they are
+    x = jax.device_put(jnp.zeros((7, 32)), sh["odd_vocab"])
+    assert x.addressable_shards[0].data.shape == (7, 16)
+
+
+def test_logical_sharding_multi_axis_rule_replicates_unless_the_product_divides():
+    mesh = make_mesh((2, 2, 2))
+    tree = {"ok": _boxed((8, 3), ("batch", None)), "bad": _boxed((6, 3), ("batch", None))}
+    sh = logical_sharding(tree, mesh, DEFAULT_RULES)
+    assert sh["ok"].spec[0] == ("data", "fsdp")
+    # 6 is divisible by data=2 but not by data*fsdp=4: the whole dimension is replicated
+    assert sh["bad"].spec[0] is None
