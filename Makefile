@@ -34,7 +34,7 @@ bench: install
 	$(PY) benchmarks/run_all.py
 
 lint: install
-	$(VENV)/bin/ruff check dreamjax tests benchmarks configs launch
+	$(VENV)/bin/ruff check dreamjax tests benchmarks configs
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache

@@ -39,8 +39,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.mixture = ConfigDict(dict(pairs=0.6, conversations=0.3, documents=0.1))
 
     c.train.stage = "demo"
-    c.train.loss_weights = (1.0, 1.0)
-    c.train.steps = 1500
+    c.train.loss_weights = (1.0, 10.0)  # as upstream stages II/III
+    c.train.steps = 1000
     c.train.global_batch_size = 16
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 50

@@ -28,7 +28,7 @@ def test_train_writes_metrics_checkpoint_tokenizer_config(workdir):
     for m in lines:
         for k in ("loss", "lm_loss", "vm_loss", "grad_norm", "tokens_per_s"):
             assert np.isfinite(m[k]), (k, m)
-        assert m["loss"] == pytest.approx(m["lm_loss"] + m["vm_loss"], rel=1e-5)  # demo weights (1, 1)
+        assert m["loss"] == pytest.approx(m["lm_loss"] + 10 * m["vm_loss"], rel=1e-5)  # demo weights (1, 10)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"
     assert os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))
     cfg = json.load(open(os.path.join(workdir, "config.json")))

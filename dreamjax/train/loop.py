@@ -56,8 +56,8 @@ def build_model(config: ConfigDict, tokenizer) -> tuple[DreamLLM, Schedule]:
         raise ValueError(f"config.train.precision must be one of {sorted(PRECISIONS)}, got "
                          f"{config.train.precision!r}")
     compute, _, _ = PRECISIONS[config.train.precision]
-    model_cfg = build_config(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model,
-                             vocab_size=len(tokenizer), tokens=SpecialTokenIds.from_ids(SpecialIds.from_tokenizer(tokenizer)), dtype=compute)
+    tokens = SpecialTokenIds.from_ids(SpecialIds.from_tokenizer(tokenizer))
+    model_cfg = build_config(config.model.to_dict(), vocab_size=len(tokenizer), tokens=tokens, dtype=compute)
     if model_cfg.vae is None and model_cfg.unet.sample_size != int(config.data.resolution_out):
         raise ValueError(f"pixel-space diffusion (model.vae=None) needs model.unet.sample_size "
                          f"({model_cfg.unet.sample_size}) == data.resolution_out ({config.data.resolution_out})")

@@ -33,7 +33,7 @@ STAGES: dict[str, Stage] = {
     "stage3": Stage(("llm", "visual_projector", "dream_queries", "condition_projector"), 1.0, 10.0),
     # The built-in demo has no pretrained CLIP or diffusion model offline, so everything trains.
     "demo": Stage(("llm", "vision", "visual_projector", "dream_queries", "condition_projector", "unet", "vae"),
-                  1.0, 1.0),
+                  1.0, 10.0),
 }
 
 

@@ -105,8 +105,10 @@ def unconditional_condition(model: DreamLLM, params: Any, dtype=jnp.int32) -> ja
     return cond[0, 0]
 
 
-def _split_micro(batch: dict, n: int) -> dict:
-    return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
+def _micro_batches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...] taking every n-th row, so each micro-batch keeps rows on every data shard
+    (contiguous chunks would sit on a subset of the devices and force a reshard per micro-step)."""
+    return {k: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1) for k, v in batch.items()}
 
 
 def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule: Schedule, cfg: StepConfig,
@@ -132,21 +134,15 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
         a = cfg.grad_accum_steps
         if a == 1:
             (loss, aux), grads = grad_fn(state.trainable, state.frozen, batch, step_rng, n_tokens, n_images)
-        else:
-            micro = _split_micro(batch, a)
+        else:  # sums over micro-batches: the loss terms are already divided by the global counts
+            micro = _micro_batches(batch, a)
             keys = jax.random.split(step_rng, a)
-
-            def body(carry, xs):
-                acc_loss, acc_aux, acc_grads = carry
-                mb, key = xs
-                (mb_loss, ax), g = grad_fn(state.trainable, state.frozen, mb, key, n_tokens, n_images)
-                acc = (acc_loss + mb_loss, jax.tree.map(jnp.add, acc_aux, ax), jax.tree.map(jnp.add, acc_grads, g))
-                return acc, None
-
-            zeros_aux = {"lm_loss": 0.0, "vm_loss": 0.0, "lm_dropped": 0, "vm_dropped": 0}
-            zeros_aux = jax.tree.map(jnp.asarray, zeros_aux)
-            init = (jnp.zeros((), jnp.float32), zeros_aux, jax.tree.map(jnp.zeros_like, state.trainable))
-            (loss, aux, grads), _ = jax.lax.scan(body, init, (micro, keys))
+            args = lambda mb, key: (state.trainable, state.frozen, mb, key, n_tokens, n_images)
+            shapes = jax.eval_shape(grad_fn, *args(jax.tree.map(lambda x: x[0], micro), keys[0]))
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            body = lambda carry, xs: (jax.tree.map(jnp.add, carry, grad_fn(*args(*xs))), None)
+            ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+            # a term dropped in any micro-batch counts once for the step
             aux = {**aux, "lm_dropped": jnp.minimum(aux["lm_dropped"], 1),
                    "vm_dropped": jnp.minimum(aux["vm_dropped"], 1)}
 
