@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
+    for noisy in ("orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax reports expected partial restores as warnings
     try:
         return args.func(args, extra)
     except USER_ERRORS as e:
