@@ -71,13 +71,12 @@ def restore_latest(mngr: ocp.CheckpointManager, target: TrainState, shardings: T
         try:
             args = {}
             for name in items:
-                if name != "meta" and not jax.tree.leaves(getattr(target, name)):
-                    continue
-                sub = target.opt_state if name == "opt_state" else getattr(target, name, None)
                 if name == "meta":
                     sub, sh = _meta(target), _meta(shardings)
                 else:
-                    sh = getattr(shardings, name)
+                    sub, sh = getattr(target, name), getattr(shardings, name)
+                    if not jax.tree.leaves(sub):  # empty parts are not saved
+                        continue
                 args[name] = ocp.args.StandardRestore(_abstract(sub, sh))
             if data_iter is not None:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
