@@ -595,3 +595,8 @@ class ShapesSource(Sequence):
     def __repr__(self):
         return (f"ShapesSource({self.world!r}, kind={self.kind!r}, split={self.split!r}, n={self.n}, "
                 f"format={self.format!r})")
+
+
+def world_from_config(data: Any) -> ShapesWorld:
+    """The world a run's `config.data` section describes (the same one for training and evaluation)."""
+    return ShapesWorld(seed=int(data["seed"]), resolution=max(int(data["resolution_out"]), 32))

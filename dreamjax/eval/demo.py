@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from dreamjax.data import images as imgs
-from dreamjax.data.synthetic import ShapesWorld, caption, render
+from dreamjax.data.synthetic import ShapesWorld, caption, render, world_from_config
 from dreamjax.data.tokenize import VICUNA_V1_1, LayoutConfig, prompt_ids
 from dreamjax.eval.color import dominant_color
 from dreamjax.infer.decode import generate_text
@@ -85,7 +85,7 @@ def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: 
 def evaluate(run: Run, out_dir: str, *, n: int = 64, steps: int | None = None, guidance: float | None = None,
              sampler: str | None = None, seed: int = 0) -> dict[str, float]:
     os.makedirs(out_dir, exist_ok=True)
-    world = ShapesWorld(seed=int(run.config.data.seed), resolution=max(int(run.config.data.resolution_out), 32))
+    world = world_from_config(run.config.data)
     steps = int(run.config.sample.steps) if steps is None else steps
     guidance = float(run.config.sample.guidance) if guidance is None else guidance
     sampler = str(run.config.sample.sampler) if sampler is None else sampler

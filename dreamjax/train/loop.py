@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
-from dreamjax.data.synthetic import ShapesWorld
+from dreamjax.data.synthetic import ShapesWorld, world_from_config
 from dreamjax.data.tokenize import LayoutConfig
 from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer, load_tokenizer
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
@@ -42,7 +42,7 @@ PRECISIONS = {  # name -> (compute dtype, trainable param dtype, frozen param dt
 
 
 def synthetic_world(config: ConfigDict) -> ShapesWorld:
-    return ShapesWorld(seed=int(config.data.seed), resolution=max(int(config.data.resolution_out), 32))
+    return world_from_config(config.data)
 
 
 def build_tokenizer(config: ConfigDict):
