@@ -100,7 +100,7 @@ def cmd_generate(args, extra) -> int:
     import numpy as np
 
     from dreamjax.data import images as imgs
-    from dreamjax.data.tokenize import VICUNA_V1_1, LayoutConfig, prompt_ids
+    from dreamjax.data.tokenize import VICUNA_V1_1, prompt_ids
     from dreamjax.infer.decode import generate_text
     from dreamjax.infer.load import load_run
     from dreamjax.infer.text_to_image import generate_images
@@ -109,8 +109,7 @@ def cmd_generate(args, extra) -> int:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
     run = load_run(args.checkpoint)
     cfg = run.model.config
-    lay = LayoutConfig(num_image_tokens=cfg.num_image_tokens, num_dream_queries=cfg.num_dream_queries,
-                       max_length=int(run.config.data.max_length))
+    lay = run.layout()
     os.makedirs(args.out, exist_ok=True)
     pixels = None
     if args.image:

@@ -15,7 +15,7 @@ import numpy as np
 
 from dreamjax.data import images as imgs
 from dreamjax.data.synthetic import ShapesWorld, caption, render, world_from_config
-from dreamjax.data.tokenize import VICUNA_V1_1, LayoutConfig, prompt_ids
+from dreamjax.data.tokenize import VICUNA_V1_1, prompt_ids
 from dreamjax.eval.color import dominant_color
 from dreamjax.infer.decode import generate_text
 from dreamjax.infer.load import Run
@@ -30,16 +30,10 @@ def heldout_specs(world: ShapesWorld, n: int, seed: int = 0):
     return [specs[i] for i in rng.choice(len(specs), size=min(n, len(specs)), replace=False)]
 
 
-def layout(run: Run) -> LayoutConfig:
-    cfg = run.model.config
-    return LayoutConfig(num_image_tokens=cfg.num_image_tokens, num_dream_queries=cfg.num_dream_queries,
-                        max_length=int(run.config.data.max_length))
-
-
 def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps: int, guidance: float,
                    sampler: str = "ddpm", seed: int = 0, batch: int = 32) -> tuple[float, list[dict]]:
     specs = heldout_specs(world, n, seed)
-    lay = layout(run)
+    lay = run.layout()
     records, images = [], []
     negative = prompt_ids("", run.tokenizer, lay, run.specials)
     for start in range(0, len(specs), batch):
@@ -61,7 +55,7 @@ def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps:
 def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: int = 32,
                  max_new_tokens: int = 4) -> tuple[float, list[dict]]:
     specs = heldout_specs(world, n, seed + 1)
-    lay = layout(run)
+    lay = run.layout()
     prompt = VICUNA_V1_1.prompt([("user", "<image>\n" + VQA_QUESTION), ("assistant", None)])
     ids = prompt_ids(prompt, run.tokenizer, lay, run.specials)
     side = run.model.config.vision.image_size

@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
+from dreamjax.data.tokenize import LayoutConfig
 from dreamjax.data.tokenizer import SpecialIds, load_tokenizer
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config
@@ -35,6 +36,12 @@ class Run:
     schedule: Schedule
     params: dict
     step: int
+
+    def layout(self) -> LayoutConfig:
+        """The token layout the run was trained with (block sizes, max length) for building prompts."""
+        cfg = self.model.config
+        return LayoutConfig(num_image_tokens=cfg.num_image_tokens, num_dream_queries=cfg.num_dream_queries,
+                            max_length=int(self.config.data.max_length))
 
 
 def _require(path: str, what: str) -> str:
