@@ -38,6 +38,8 @@ def base_config() -> ConfigDict:
         source="synthetic", paths=None, mode="joint", max_length=2048, max_images_in=4, max_images_out=4,
         resolution_in=224, resolution_out=512, random_flip=True, num_workers=0, seed=0,
         mixture=ConfigDict(),
+        # synthetic source only: attribute subsets of the shapes world (dreamjax.data.synthetic.WORLD_OPTIONS)
+        world=None,
     ))
 
     c.train = ConfigDict(dict(

@@ -101,6 +101,22 @@ def test_config_from_hf_and_back():
     hash(cfg)  # usable as a static jit argument
 
 
+def test_initializer_range_sets_every_kernel_and_embedding():
+    """HF's `initializer_range` is the std of every kernel and embedding (norms stay at one)."""
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      initializer_range=0.09)
+    params = nn.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            assert np.all(np.asarray(x) == 1.0), name
+        else:
+            assert abs(float(np.std(np.asarray(x))) - 0.09) < 0.01, name
+    assert LlamaConfig.from_hf(cfg.to_hf_dict()).initializer_range == 0.09
+    with pytest.raises(ValueError, match="initializer_range"):
+        LlamaConfig(initializer_range=0.0)
+
+
 @pytest.mark.parametrize("case,scan_layers", [(c, True) for c in CASES] + [("gqa_tied", False)])
 def test_full_sequence_logits(case, scan_layers):
     cfg, params = jax_model(case, scan_layers)

@@ -9,7 +9,9 @@ from dreamjax.data.documents import Conversation, ImageTextPair, InstructInterle
 from dreamjax.data.images import decode_image
 from dreamjax.data.synthetic import (
     BACKGROUNDS,
+    CENTRE_ONLY_SIZES,
     COLORS,
+    DEFAULT_SIZES,
     KINDS,
     PLACEHOLDERS,
     POSITIONS,
@@ -21,6 +23,7 @@ from dreamjax.data.synthetic import (
     caption,
     render,
     split_words,
+    world_from_config,
 )
 from dreamjax.eval.color import NO_COLOR, color_accuracy, dominant_color
 
@@ -61,6 +64,8 @@ def test_render_pixels_and_geometry(res):
     for shape in SHAPES:
         for size in SIZES:
             for pos, (cx, cy) in POSITIONS.items():
+                if size in CENTRE_ONLY_SIZES and pos != "center":
+                    continue
                 spec = ShapeSpec("red", shape, pos, size, "gray")
                 img = render(spec, res)
                 assert img.shape == (res, res, 3) and img.dtype == np.uint8
@@ -74,6 +79,7 @@ def test_render_pixels_and_geometry(res):
                 area[shape, size, pos] = is_shape.mean()
     for shape in SHAPES:
         assert area[shape, "large", "center"] > 2.5 * area[shape, "small", "center"]
+        assert 0.25 < area[shape, "huge", "center"] < 0.5  # the demo world: shapes that fill the frame
     # the three shapes are different pictures
     imgs = [render(ShapeSpec("red", s), res) for s in SHAPES]
     assert not np.array_equal(imgs[0], imgs[1]) and not np.array_equal(imgs[1], imgs[2])
@@ -118,11 +124,11 @@ def test_same_seed_same_data_any_access_order():
 
 def test_splits_are_disjoint_and_respected(world):
     train, held = set(world.specs("train")), set(world.specs("heldout"))
-    n_all = len(COLORS) * len(SHAPES) * len(POSITIONS) * len(SIZES) * len(BACKGROUNDS)
+    n_all = len(COLORS) * len(SHAPES) * len(POSITIONS) * len(DEFAULT_SIZES) * len(BACKGROUNDS)
     assert not train & held and len(train | held) == n_all
     assert 0.1 < len(held) / n_all < 0.3
-    for field, values in (("color", COLORS), ("shape", SHAPES), ("position", POSITIONS), ("size", SIZES),
-                          ("background", BACKGROUNDS)):
+    for field, values in (("color", COLORS), ("shape", SHAPES), ("position", POSITIONS),
+                          ("size", DEFAULT_SIZES), ("background", BACKGROUNDS)):
         assert {getattr(s, field) for s in train} == set(values)  # every attribute value is trainable
     assert set(ShapesWorld(seed=99, resolution=64).specs("heldout")) == held  # split does not depend on seed
     for split, allowed in (("train", train), ("heldout", held)):
@@ -158,6 +164,27 @@ def test_vocabulary_covers_every_generated_word():
                                 assert tok in PUNCTUATION or tok in PLACEHOLDERS, (tok, text)
         assert len(seen) >= 0.9 * len(vocab), sorted(vocab - seen)  # and the vocabulary is not padded
     assert "orange" not in ShapesWorld(0, 32, colors=("red", "blue")).vocabulary()
+
+
+def test_attribute_subsets_and_world_from_config():
+    """A smaller world (the demo's): every spec, scene and word stays inside the chosen subsets."""
+    w = ShapesWorld(seed=0, resolution=32, positions=("center",), sizes=("huge",), backgrounds=("white", "gray"))
+    specs = w.specs("train") + w.specs("heldout")
+    assert len(specs) == len(COLORS) * len(SHAPES) * 2
+    assert {(s.position, s.size) for s in specs} == {("center", "huge")}
+    assert "left" not in w.vocabulary() and "huge" in w.vocabulary()
+    assert "huge" not in ShapesWorld(0, 32).vocabulary()  # the default world keeps small and large shapes
+    for i in range(20):  # no opposite positions: two-shape scenes fall back to one shape
+        assert len(w.record("documents", "train", i, format="raw", multi_prob=1.0)["specs"][0]) == 1
+    data = {"seed": 0, "resolution_out": 16, "world": {"positions": ["center"], "sizes": ["large"]}}
+    assert {s.position for s in world_from_config(data).specs("train")} == {"center"}
+    assert world_from_config({"seed": 0, "resolution_out": 16, "world": None}).positions == tuple(POSITIONS)
+    with pytest.raises(ValueError, match="unknown keys"):
+        world_from_config({**data, "world": {"position": ["center"]}})
+    with pytest.raises(ValueError, match="sizes must not be empty"):
+        ShapesWorld(0, 32, sizes=())
+    with pytest.raises(ValueError, match="fit only at position 'center'"):
+        ShapesWorld(0, 32, sizes=("large", "huge"))  # huge shapes at the side would leave the frame
 
 
 def test_word_tokenizer_has_no_unknowns(world):

@@ -82,7 +82,11 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 # "Radius" as a fraction of the image side. Large shapes at opposite positions never overlap or leave
 # the image (left/right large shapes span x in [0.008, 0.492] and [0.508, 0.992]).
-SIZES: dict[str, float] = {"small": 0.12, "large": 0.22}
+SIZES: dict[str, float] = {"small": 0.12, "large": 0.22, "huge": 0.36}
+# "huge" fills half the frame and fits only in the centre, so the default world leaves it out; the 2-core demo
+# world is huge centred shapes (a colour that covers most pixels is what a few minutes of training can learn).
+DEFAULT_SIZES = ("small", "large")
+CENTRE_ONLY_SIZES = ("huge",)
 # How a position is said; the first phrase is the canonical answer to "Where is the shape?".
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("on the left", "on the left side"),
@@ -318,7 +322,10 @@ class ShapesWorld:
     Args:
       seed: non-negative int; every record is a pure function of (seed, kind, split, index).
       resolution: image side in pixels (e.g. 32 or 64).
-      colors, shapes, backgrounds: subsets of COLORS / SHAPES / BACKGROUNDS (default: all).
+      colors, shapes, positions, sizes, backgrounds: subsets of COLORS / SHAPES / POSITIONS / SIZES /
+        BACKGROUNDS (default: all, and sizes ``DEFAULT_SIZES``). A smaller world is an easier one (the 2-core
+        demo uses huge centred shapes); two-shape scenes need a pair of opposite positions and are otherwise
+        drawn as one shape.
       heldout_fraction: share of single-shape specs (by stable hash) reserved for the "heldout" split.
       image_format: "array" (uint8 [R, R, 3]) or "png" (encoded bytes, what ArrayRecord shards store).
       doc_images: (min, max) images per document, inclusive.
@@ -326,7 +333,8 @@ class ShapesWorld:
     """
 
     def __init__(self, seed: int = 0, resolution: int = 64, *, colors: Iterable[str] | None = None,
-                 shapes: Iterable[str] | None = None, backgrounds: Iterable[str] | None = None,
+                 shapes: Iterable[str] | None = None, positions: Iterable[str] | None = None,
+                 sizes: Iterable[str] | None = None, backgrounds: Iterable[str] | None = None,
                  heldout_fraction: float = 0.2, image_format: str = "array",
                  doc_images: tuple[int, int] = (2, 4), max_turns: int = 3):
         if not isinstance(seed, int | np.integer) or seed < 0:
@@ -342,6 +350,8 @@ class ShapesWorld:
         self.resolution = int(resolution)
         self.colors = tuple(colors) if colors is not None else tuple(COLORS)
         self.shapes = tuple(shapes) if shapes is not None else SHAPES
+        self.positions = tuple(positions) if positions is not None else tuple(POSITIONS)
+        self.sizes = tuple(sizes) if sizes is not None else DEFAULT_SIZES
         self.backgrounds = tuple(backgrounds) if backgrounds is not None else tuple(BACKGROUNDS)
         self.heldout_fraction = float(heldout_fraction)
         self.image_format = image_format
@@ -351,9 +361,16 @@ class ShapesWorld:
             raise ValueError(f"ShapesWorld: max_turns must be >= 1, got {max_turns}")
         if len(self.colors) < 2:
             raise ValueError("ShapesWorld: need at least two colours (yes/no questions, two-shape scenes)")
+        for name in ("shapes", "positions", "sizes", "backgrounds"):
+            if not getattr(self, name):
+                raise ValueError(f"ShapesWorld: {name} must not be empty")
+        off_centre = [p for p in self.positions if p != "center"]
+        if off_centre and set(self.sizes) & set(CENTRE_ONLY_SIZES):
+            raise ValueError(f"ShapesWorld: sizes {CENTRE_ONLY_SIZES} fit only at position 'center', "
+                             f"not at {off_centre}")
         # Every single-shape spec of this world, in a fixed order, assigned to a split by hash.
-        all_specs = [ShapeSpec(c, s, p, z, b) for c in self.colors for s in self.shapes for p in POSITIONS
-                     for z in SIZES for b in self.backgrounds]  # ShapeSpec validates the names
+        all_specs = [ShapeSpec(c, s, p, z, b) for c in self.colors for s in self.shapes  # validates the names
+                     for p in self.positions for z in self.sizes for b in self.backgrounds]
         self._specs = {split: tuple(x for x in all_specs if self.split_of(x) == split) for split in SPLITS}
         # (split, background, position) -> specs, for picking the second shape of a two-shape scene.
         self._by_bg_pos: dict[tuple[str, str, str], tuple[ShapeSpec, ...]] = {}
@@ -364,7 +381,8 @@ class ShapesWorld:
 
     def __repr__(self):
         return (f"ShapesWorld(seed={self.seed}, resolution={self.resolution}, colors={len(self.colors)}, "
-                f"shapes={len(self.shapes)}, backgrounds={len(self.backgrounds)}, "
+                f"shapes={len(self.shapes)}, positions={len(self.positions)}, sizes={len(self.sizes)}, "
+                f"backgrounds={len(self.backgrounds)}, "
                 f"train={len(self._specs['train'])}, heldout={len(self._specs['heldout'])})")
 
     # -- splits ----------------------------------------------------------------------------------------
@@ -428,9 +446,9 @@ class ShapesWorld:
     def vocabulary(self) -> list[str]:
         """Every word this world can emit, sorted: the letter runs of ``split_words`` (case kept). Punctuation
         (``PUNCTUATION``) and the placeholders ``<image>`` / ``<dream>`` are not included."""
-        values: list[str] = list(self.colors) + list(self.shapes) + list(self.backgrounds) + list(SIZES)
+        values: list[str] = list(self.colors) + list(self.shapes) + list(self.backgrounds) + list(self.sizes)
         values += ["a", "an", "A", "An", "shape", "shapes", "picture", "pictures"]
-        values += [p for ps in POSITION_PHRASES.values() for p in ps]
+        values += [p for pos in self.positions for p in POSITION_PHRASES[pos]]
         values += NUMBER_WORDS[self.doc_images[0]: self.doc_images[1] + 1]
         words = set()
         for text in values:
@@ -597,6 +615,18 @@ class ShapesSource(Sequence):
                 f"format={self.format!r})")
 
 
+WORLD_OPTIONS = ("colors", "shapes", "positions", "sizes", "backgrounds")
+
+
 def world_from_config(data: Any) -> ShapesWorld:
-    """The world a run's `config.data` section describes (the same one for training and evaluation)."""
-    return ShapesWorld(seed=int(data["seed"]), resolution=max(int(data["resolution_out"]), 32))
+    """The world a run's `config.data` section describes (the same one for training and evaluation).
+
+    `data.world` (optional) restricts the attributes: a mapping with any of ``WORLD_OPTIONS``, each a list of
+    names or None for all.
+    """
+    options = dict(data.get("world") or {})
+    unknown = sorted(set(options) - set(WORLD_OPTIONS))
+    if unknown:
+        raise ValueError(f"config.data.world: unknown keys {unknown}; known: {list(WORLD_OPTIONS)}")
+    options = {k: None if v is None else tuple(v) for k, v in options.items()}
+    return ShapesWorld(seed=int(data["seed"]), resolution=max(int(data["resolution_out"]), 32), **options)

@@ -25,9 +25,12 @@ VQA_QUESTION = "What color is the shape?"
 
 
 def heldout_specs(world: ShapesWorld, n: int, seed: int = 0):
+    """`n` held-out specs: a random order of all of them, repeated as needed (a small world has few)."""
     specs = world.specs("heldout")
-    rng = np.random.default_rng(seed)
-    return [specs[i] for i in rng.choice(len(specs), size=min(n, len(specs)), replace=False)]
+    if not specs:
+        raise ValueError(f"{world!r} has no held-out specs to evaluate on")
+    order = np.random.default_rng(seed).permutation(len(specs))
+    return [specs[order[i % len(specs)]] for i in range(n)]
 
 
 def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps: int, guidance: float,
@@ -38,7 +41,8 @@ def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps:
     negative = prompt_ids("", run.tokenizer, lay, run.specials)
     for start in range(0, len(specs), batch):
         chunk = specs[start : start + batch]
-        prompts = [prompt_ids(caption(s), run.tokenizer, lay, run.specials) for s in chunk]
+        prompts = [prompt_ids(caption(s, variant=start + i), run.tokenizer, lay, run.specials)
+                   for i, s in enumerate(chunk)]
         out = generate_images(run.model, run.params, run.schedule, prompts, negative=negative, num_steps=steps,
                               guidance=guidance, sampler=sampler, seed=seed + start)
         images += [imgs.to_uint8(x) for x in out]
@@ -47,7 +51,7 @@ def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps:
         got = dominant_color(img, background=spec.background)
         hits += got == spec.color
         path = imgs.save_png(img, os.path.join(out_dir, f"t2i_{i:03d}_{spec.color}_{spec.shape}.png"))
-        records.append({"prompt": caption(spec), "asked": spec.color, "dominant": got, "image": path})
+        records.append({"prompt": caption(spec, variant=i), "asked": spec.color, "dominant": got, "image": path})
     imgs.save_png(imgs.image_grid(images[:32], cols=8), os.path.join(out_dir, "t2i_grid.png"))
     return hits / max(len(specs), 1), records
 

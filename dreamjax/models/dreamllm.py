@@ -96,10 +96,11 @@ class DreamLLM(nn.Module):
             cfg.llm.hidden_size, ("vision_embed", "embed"), use_bias=True, dtype=cfg.dtype,
             param_dtype=cfg.llm.param_dtype, kernel_init=_torch_linear_init(cfg.vision.hidden_size),
         )
-        # 64 learnable queries, N(0, 0.02) as upstream `DreamEmbedding`.
+        # 64 learnable queries, N(0, 0.02) as upstream `DreamEmbedding` (the LLM's initializer_range, 0.02
+        # unless a from-scratch config changes it: same scale as the token embeddings).
         self.dream_queries = self.param(
             "dream_queries",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("queries", "embed")),
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.llm.initializer_range), ("queries", "embed")),
             (cfg.num_dream_queries, cfg.llm.hidden_size),
             cfg.llm.param_dtype,
         )

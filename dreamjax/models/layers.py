@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+Initializer = Any  # a jax.nn.initializers function
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 # PyTorch's default for nn.Linear / nn.Conv2d weights, U(+-1/sqrt(fan_in)): what the diffusers modules
@@ -201,10 +202,11 @@ class SwiGLU(nn.Module):
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
         gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))  # [B, L, F]

@@ -66,6 +66,9 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"  # one of REMAT_POLICIES
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None, "xla", "cudnn"
+    # std of the normal init of every kernel and embedding (HF's name and default). 0.02 suits d ~ 4096; a
+    # tiny model trained from scratch wants ~1/sqrt(d), or attention barely moves its residual stream.
+    initializer_range: float = 0.02
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -79,6 +82,8 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                              f"{self.num_kv_heads}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.rope_scaling is not None:
@@ -127,6 +132,7 @@ class LlamaConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
+            initializer_range=float(d.get("initializer_range", 0.02)),
         )
         kw.update(overrides)
         return cls(**kw)
@@ -148,6 +154,7 @@ class LlamaConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
             "rope_theta": self.rope_theta,
             "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "rope_parameters": rope_parameters,
@@ -210,7 +217,8 @@ class Attention(nn.Module):
         cfg = self.config
         b, length, _ = x.shape
         n, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=nn.initializers.normal(cfg.initializer_range))
         q = layers.dense(n * hd, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, length, n, hd)
         k = layers.dense(nkv * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, length, nkv, hd)
         v = layers.dense(nkv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, length, nkv, hd)
@@ -242,7 +250,8 @@ class DecoderLayer(nn.Module):
         h, kv = Attention(cfg, name="self_attn")(h, positions, mask, write_index, kv)
         x = x + h
         h = layers.RMSNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + layers.SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, name="mlp")(h)
+        x = x + layers.SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype,
+                                  nn.initializers.normal(cfg.initializer_range), name="mlp")(h)
         return layers.constrain(x, ("batch", "length", "act_embed")), kv
 
 
@@ -266,7 +275,8 @@ class Llama(nn.Module):
             cfg.hidden_size,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                        ("vocab", "embed")),
         )
         layer = _layer_class(cfg)
         if cfg.scan_layers:
@@ -283,7 +293,8 @@ class Llama(nn.Module):
         self.norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype,
-                                        param_dtype=cfg.param_dtype)
+                                        param_dtype=cfg.param_dtype,
+                                        kernel_init=nn.initializers.normal(cfg.initializer_range))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] int -> [B, L, D] in the compute dtype."""
