@@ -80,3 +80,18 @@ def test_user_errors_exit_2_with_one_line(argv, needle, capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", "demo"), ("pure_bf16", "stage2")])
+def test_reduced_precision_modes_train(precision, stage, tmp_path):
+    """bf16 compute with fp32 master weights, and upstream's pure bf16 (frozen parts stored in bf16 too)."""
+    wd = str(tmp_path / precision)
+    rc = main(["train", "--config", TINY + ":smoke", "--workdir", wd, "--no-progress", "--config.train.steps=2",
+               f"--config.train.precision={precision}", f"--config.train.stage={stage}"])
+    assert rc == 0
+    lines = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        for k in ("loss", "lm_loss", "vm_loss", "grad_norm"):
+            assert np.isfinite(m[k]) and m[k] > 0, (k, m)
+        assert m["skipped_updates"] == 0 and m["dropped_lm"] == 0 and m["dropped_vm"] == 0
