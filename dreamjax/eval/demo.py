@@ -37,21 +37,20 @@ def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps:
                    sampler: str = "ddpm", seed: int = 0, batch: int = 32) -> tuple[float, list[dict]]:
     specs = heldout_specs(world, n, seed)
     lay = run.layout()
+    texts = [caption(s, variant=i) for i, s in enumerate(specs)]  # held-out specs in varied phrasings
     records, images = [], []
     negative = prompt_ids("", run.tokenizer, lay, run.specials)
     for start in range(0, len(specs), batch):
-        chunk = specs[start : start + batch]
-        prompts = [prompt_ids(caption(s, variant=start + i), run.tokenizer, lay, run.specials)
-                   for i, s in enumerate(chunk)]
+        prompts = [prompt_ids(t, run.tokenizer, lay, run.specials) for t in texts[start : start + batch]]
         out = generate_images(run.model, run.params, run.schedule, prompts, negative=negative, num_steps=steps,
                               guidance=guidance, sampler=sampler, seed=seed + start)
         images += [imgs.to_uint8(x) for x in out]
     hits = 0
-    for i, (spec, img) in enumerate(zip(specs, images)):
+    for i, (spec, text, img) in enumerate(zip(specs, texts, images)):
         got = dominant_color(img, background=spec.background)
         hits += got == spec.color
         path = imgs.save_png(img, os.path.join(out_dir, f"t2i_{i:03d}_{spec.color}_{spec.shape}.png"))
-        records.append({"prompt": caption(spec, variant=i), "asked": spec.color, "dominant": got, "image": path})
+        records.append({"prompt": text, "asked": spec.color, "dominant": got, "image": path})
     imgs.save_png(imgs.image_grid(images[:32], cols=8), os.path.join(out_dir, "t2i_grid.png"))
     return hits / max(len(specs), 1), records
 

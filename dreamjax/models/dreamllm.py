@@ -100,7 +100,7 @@ class DreamLLM(nn.Module):
         # unless a from-scratch config changes it: same scale as the token embeddings).
         self.dream_queries = self.param(
             "dream_queries",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.llm.initializer_range), ("queries", "embed")),
+            nn.with_logical_partitioning(cfg.llm.kernel_init, ("queries", "embed")),
             (cfg.num_dream_queries, cfg.llm.hidden_size),
             cfg.llm.param_dtype,
         )

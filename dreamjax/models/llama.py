@@ -70,6 +70,11 @@ class LlamaConfig:
     # tiny model trained from scratch wants ~1/sqrt(d), or attention barely moves its residual stream.
     initializer_range: float = 0.02
 
+    @property
+    def kernel_init(self):
+        """The init of every kernel and embedding: N(0, initializer_range)."""
+        return nn.initializers.normal(self.initializer_range)
+
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
         if self.num_kv_heads is None:
@@ -217,8 +222,7 @@ class Attention(nn.Module):
         cfg = self.config
         b, length, _ = x.shape
         n, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  kernel_init=nn.initializers.normal(cfg.initializer_range))
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=cfg.kernel_init)
         q = layers.dense(n * hd, ("embed", "heads"), name="q_proj", **kw)(x).reshape(b, length, n, hd)
         k = layers.dense(nkv * hd, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, length, nkv, hd)
         v = layers.dense(nkv * hd, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, length, nkv, hd)
@@ -250,8 +254,7 @@ class DecoderLayer(nn.Module):
         h, kv = Attention(cfg, name="self_attn")(h, positions, mask, write_index, kv)
         x = x + h
         h = layers.RMSNorm(name="post_attention_layernorm", **norm)(x)
-        x = x + layers.SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype,
-                                  nn.initializers.normal(cfg.initializer_range), name="mlp")(h)
+        x = x + layers.SwiGLU(cfg.intermediate_size, cfg.dtype, cfg.param_dtype, cfg.kernel_init, name="mlp")(h)
         return layers.constrain(x, ("batch", "length", "act_embed")), kv
 
 
@@ -275,8 +278,7 @@ class Llama(nn.Module):
             cfg.hidden_size,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                        ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(cfg.kernel_init, ("vocab", "embed")),
         )
         layer = _layer_class(cfg)
         if cfg.scan_layers:
@@ -293,8 +295,7 @@ class Llama(nn.Module):
         self.norm = layers.RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.dtype,
-                                        param_dtype=cfg.param_dtype,
-                                        kernel_init=nn.initializers.normal(cfg.initializer_range))
+                                        param_dtype=cfg.param_dtype, kernel_init=cfg.kernel_init)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] int -> [B, L, D] in the compute dtype."""

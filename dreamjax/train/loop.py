@@ -19,7 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
-from dreamjax.data.synthetic import ShapesWorld, world_from_config
+from dreamjax.data.synthetic import world_from_config
 from dreamjax.data.tokenize import LayoutConfig
 from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer, load_tokenizer
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
@@ -41,13 +41,9 @@ PRECISIONS = {  # name -> (compute dtype, trainable param dtype, frozen param dt
 }
 
 
-def synthetic_world(config: ConfigDict) -> ShapesWorld:
-    return world_from_config(config.data)
-
-
 def build_tokenizer(config: ConfigDict):
     if config.tokenizer == "synthetic":
-        return build_word_tokenizer(synthetic_world(config).vocabulary())
+        return build_word_tokenizer(world_from_config(config.data).vocabulary())
     return load_tokenizer(config.tokenizer)
 
 
@@ -68,7 +64,7 @@ def build_model(config: ConfigDict, tokenizer) -> tuple[DreamLLM, Schedule]:
 def build_sources(config: ConfigDict) -> tuple[dict, dict]:
     if config.data.source != "synthetic":
         raise ValueError(f"config.data.source {config.data.source!r} is not supported yet; use 'synthetic'")
-    world = synthetic_world(config)
+    world = world_from_config(config.data)
     n = 1_000_000  # records are generated on the fly from their index
     sources = {"pairs": world.pairs("train", n), "conversations": world.conversations("train", n),
                "documents": world.documents("train", n)}
