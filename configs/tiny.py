@@ -45,9 +45,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.max_images_out = 1
     # documents (joint mode) have an output image in every row, pairs and conversations in half of them
     c.data.mixture = ConfigDict(dict(pairs=0.35, conversations=0.3, documents=0.35))
-    # Huge centred shapes (half the frame): a colour must cover much of a 16 px image before a 10-minute CPU
-    # run learns to draw it from the prompt (with the default small/large shapes at five positions the
-    # images come out right but in random colours). All colours, shapes and backgrounds stay.
+    # Huge centred shapes (half the frame) on white: a colour must cover much of a 16 px image, and no
+    # background may compete for the condition, before a 10-minute CPU run learns to draw it from the prompt
+    # (with the default small/large shapes at five positions on three backgrounds the images come out right
+    # but in random colours). All 8 colours and 3 shapes stay.
     c.data.world = ConfigDict(dict(positions=["center"], sizes=["huge"], backgrounds=["white"]))
 
     c.train.stage = "demo"

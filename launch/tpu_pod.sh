@@ -2,7 +2,7 @@
 # Run `dreamjax train` on every host of a Cloud TPU VM pod slice (JAX multi-controller: each host runs the
 # same program; jax.distributed.initialize() reads the TPU environment).
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/dreamllm_7b.py:stage2 gs://bucket/runs/stage2 [--config.key=value ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE configs/tiny.py gs://bucket/runs/tiny [--config.key=value ...]
 #
 # The repository must already be on every host at ~/dreamjax with `make install` done (e.g. via
 # `gcloud compute tpus tpu-vm ssh --worker=all --command "git clone ... && cd dreamjax && make install"`).
