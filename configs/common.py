@@ -6,7 +6,9 @@ from ml_collections import ConfigDict
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
-    c.tokenizer = "synthetic"  # "synthetic" (built from the shapes world) or a local HF tokenizer dir
+    # "synthetic" (built from the shapes world), a local HF tokenizer dir, or None: the tokenizer of
+    # init.checkpoint or init.llm
+    c.tokenizer = "synthetic"
 
     c.model = ConfigDict()
     # LLaMA fields, named as dreamjax.models.llama.LlamaConfig; vocab_size comes from the tokenizer.
@@ -30,8 +32,15 @@ def base_config() -> ConfigDict:
         set_alpha_to_one=False,
     ))
 
-    c.init = ConfigDict(dict(  # local pretrained weights (never downloaded)
-        llm=None, clip=None, stable_diffusion=None, dreamllm=None,
+    # Local pretrained weights (never downloaded), see dreamjax/run/weights.py. The architecture of each part
+    # comes from the weights' own config files; a model field set here that contradicts them is an error.
+    c.init = ConfigDict(dict(
+        llm=None,  # a transformers Llama directory (Vicuna-7B v1.1 upstream)
+        clip=None,  # a transformers CLIP / CLIPVision directory (openai/clip-vit-large-patch14)
+        stable_diffusion=None,  # a diffusers Stable Diffusion directory: unet/, vae/, scheduler/
+        dream=None,  # a dreamjax workdir: dream queries + visual and condition projectors (stage 2 from 1)
+        checkpoint=None,  # a dreamjax workdir: every part (stage 3 from stage 2)
+        dreamllm=None,  # the released DreamLLM layout (not supported yet)
     ))
 
     c.data = ConfigDict(dict(
@@ -50,5 +59,6 @@ def base_config() -> ConfigDict:
     ))
 
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn=None, rules=None))
-    c.sample = ConfigDict(dict(steps=150, guidance=2.0, sampler="ddpm"))
+    # How the run generates images (dreamjax generate and the evaluations use the same settings).
+    c.sample = ConfigDict(dict(steps=150, guidance=2.0, sampler="ddpm", negative_prompt=""))
     return c

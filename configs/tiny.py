@@ -1,7 +1,7 @@
 """The demo: a tiny DreamLLM trained from scratch on the built-in "shapes" world on 2 CPU cores.
 
 There is no pretrained CLIP or Stable Diffusion offline, so every part trains (stage "demo"), and the
-diffusion model works directly in pixel space (`vae=None`) at 32x32: a tiny VAE would need its own
+diffusion model works directly in pixel space (`vae=None`) at 16x16: a tiny VAE would need its own
 reconstruction training first and buys nothing at this resolution.
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib.util
 import logging
 import os
@@ -59,16 +60,22 @@ def apply_override(config: ConfigDict, item: str) -> None:
         node = node[p]
     if leaf not in node:
         raise KeyError(f"--config.{key}: no such config key; known keys here: {sorted(node.keys())}")
-    with node.unlocked() if hasattr(node, "unlocked") else _null():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
         node[leaf] = value
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """`data=1,fsdp=-1` -> {'data': 1, 'fsdp': -1} (mesh axis overrides for generation)."""
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
+        name, eq, size = item.partition("=")
+        try:
+            out[name.strip()] = int(size)
+        except ValueError:
+            eq = ""
+        if not eq:
+            raise ValueError(f"--mesh: {item!r} is not AXIS=SIZE (e.g. --mesh data=1,fsdp=-1,tensor=1)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -100,47 +107,30 @@ def cmd_generate(args, extra) -> int:
     import numpy as np
 
     from dreamjax.data import images as imgs
-    from dreamjax.data.tokenize import VICUNA_V1_1, prompt_ids
     from dreamjax.infer.decode import generate_text
-    from dreamjax.infer.load import load_run
-    from dreamjax.infer.text_to_image import generate_images
+    from dreamjax.infer.text_to_image import text_to_image
+    from dreamjax.run.assembly import load_run
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-    run = load_run(args.checkpoint)
-    cfg = run.model.config
-    lay = run.layout()
+    run = load_run(args.checkpoint, mesh_overrides=parse_mesh(args.mesh))
     os.makedirs(args.out, exist_ok=True)
+    side = run.model_config.vision.image_size
     pixels = None
     if args.image:
-        side = cfg.vision.image_size
-        pixels = np.stack([imgs.clip_preprocess(imgs.decode_image(p, name=p), side) for p in args.image])[None]
-    prompt = args.prompt
-    n_images = len(args.image or [])
+        pixels = np.stack([imgs.clip_preprocess(imgs.decode_image(p, name=p), side) for p in args.image])
     if args.mode == "image":
-        if n_images and "<image>" not in prompt:
-            prompt = "<image>\n" * n_images + prompt
-        ids = prompt_ids(prompt, run.tokenizer, lay, run.specials)
-        negative = prompt_ids(args.negative_prompt, run.tokenizer, lay, run.specials)
-        steps = args.steps or int(run.config.sample.steps)
-        guidance = float(run.config.sample.guidance) if args.guidance is None else args.guidance
-        mask = None if pixels is None else np.ones(pixels.shape[:2], bool)
-        out = generate_images(run.model, run.params, run.schedule, [ids] * args.num_images, negative=negative,
-                              num_steps=steps, guidance=guidance, seed=args.seed,
-                              images_in=None if pixels is None else np.repeat(pixels, args.num_images, 0),
-                              images_in_mask=None if mask is None else np.repeat(mask, args.num_images, 0))
+        settings = run.sample_settings(steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                                       negative_prompt=args.negative_prompt)
+        out = text_to_image(run, [args.prompt] * args.num_images, settings, seed=args.seed, images_in=pixels)
         for i, x in enumerate(out):
-            path = imgs.save_png(imgs.to_uint8(x), os.path.join(args.out, f"image_{args.seed}_{i}.png"))
-            print(path)
+            print(imgs.save_png(imgs.to_uint8(x), os.path.join(args.out, f"image_{args.seed}_{i}.png")))
         return 0
     # text mode: the conversation template, as the model was trained on conversations
-    if n_images and "<image>" not in prompt:
-        prompt = "<image>\n" * n_images + prompt
-    text = VICUNA_V1_1.prompt([("user", prompt), ("assistant", None)])
-    ids = prompt_ids(text, run.tokenizer, lay, run.specials)
-    mask = None if pixels is None else np.ones(pixels.shape[:2], bool)
-    out = generate_text(run.model, run.params, [ids], images_in=pixels, images_in_mask=mask,
-                        max_new_tokens=args.max_new_tokens, stop_ids=[run.specials.eos],
+    ids = run.text_prompt(args.prompt, num_images=0 if pixels is None else len(pixels))
+    mask = None if pixels is None else np.ones((1, len(pixels)), bool)
+    out = generate_text(run.model, run.params, [ids], images_in=None if pixels is None else pixels[None],
+                        images_in_mask=mask, max_new_tokens=args.max_new_tokens, stop_ids=[run.specials.eos],
                         temperature=args.temperature, seed=args.seed)[0]
     answer = run.tokenizer.decode(out, skip_special_tokens=True).strip()
     with open(os.path.join(args.out, "answer.txt"), "w") as f:
@@ -152,7 +142,7 @@ def cmd_generate(args, extra) -> int:
 def cmd_demo(args, extra) -> int:
     """Train configs/tiny.py on the shapes world, then measure and write samples."""
     from dreamjax.eval.demo import evaluate
-    from dreamjax.infer.load import load_run
+    from dreamjax.run.assembly import load_run
     from dreamjax.train.loop import train
 
     config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
@@ -192,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: config)")
     g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: config)")
-    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: config")
+    g.add_argument("--negative-prompt", default=None, help="default: config (\"\": the readout after BOS)")
+    g.add_argument("--mesh", default=None,
+                   help="mesh axis overrides, e.g. data=1,fsdp=-1 (default: the run's config.mesh)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", action="append", help="input image file (repeatable)")
     g.add_argument("--num-images", type=int, default=1)

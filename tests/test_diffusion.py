@@ -145,6 +145,27 @@ def test_add_noise_velocity_target():
     assert_close(got_b.astype(jnp.float32), ref_b, 1e-2, "add_noise bf16")
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_target_by_prediction_type(prediction_type):
+    """The denoiser's regression target, as diffusers defines it: ε (its training scripts' `target = noise`),
+    v (`get_velocity`), or the clean sample x0 ("sample": the pixel-space demo's x0-prediction). And a model
+    that predicts its target exactly gives back x0 as `pred_original_sample` in diffusers' DDPM step."""
+    ours, ddpm, _ = both({"prediction_type": prediction_type})
+    rng = np.random.default_rng(1)
+    x0, noise = rng_normal(rng, (4, 4, 6, 6)), rng_normal(rng, (4, 4, 6, 6))
+    t = np.array([0, 10, 500, 999])
+    got = np.array(training_target(ours, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))  # writable
+    if prediction_type == "v_prediction":
+        expected = ddpm.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    else:
+        expected = {"epsilon": noise, "sample": x0}[prediction_type]
+    assert_close(got, expected, 1e-6, prediction_type)
+    x_t = np.array(add_noise(ours, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
+    for i, ti in enumerate(t):
+        out = ddpm.step(torch.from_numpy(got[i : i + 1]), int(ti), torch.from_numpy(x_t[i : i + 1]))
+        assert_close(out.pred_original_sample.numpy(), x0[i : i + 1], 1e-4, f"x0 at t={ti}")
+
+
 # ----------------------------------------------------------------------------- timestep grids
 
 

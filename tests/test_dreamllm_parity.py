@@ -174,18 +174,25 @@ def make_oracle(case: str, seed: int) -> DreamLLMForCausalMLM:
 
 
 def _jax_draws(rng, batch: dict, cfg):
-    """The draws `loss_terms` makes from `rng` (NHWC): (latent-sample noise or None, noise, timesteps)."""
+    """The draws `loss_terms` makes from `rng` (NHWC): (latent-sample noise or None, noise, timesteps), each
+    [B * No, ...]. As `losses.score_distillation_loss` with one noise draw: example i draws from the key
+    `losses.example_keys(rng, rows)[i]` split into (latent sample, noise, timesteps, dropout) keys."""
     b, no, r = batch["images_out"].shape[:3]
-    k_lat, k_noise, k_t, _ = jax.random.split(rng, 4)
     if cfg.vae is not None:
         h = r // cfg.vae.downsample_factor
-        shape = (b * no, h, h, cfg.vae.latent_channels)
-        latent_noise = jax.random.normal(k_lat, shape, jnp.float32)  # DreamLLM.to_latents
+        shape = (no, h, h, cfg.vae.latent_channels)
     else:
-        shape, latent_noise = (b * no, r, r, batch["images_out"].shape[-1]), None
-    noise = jax.random.normal(k_noise, shape, jnp.float32)
-    t = jax.random.randint(k_t, (b * no,), 0, SD21_BASE.num_train_timesteps)
-    return latent_noise, noise, t
+        shape = (no, r, r, batch["images_out"].shape[-1])
+
+    def example(key):
+        k_lat, k_noise, k_t, _ = jax.random.split(key, 4)
+        latent_noise = None if cfg.vae is None else jax.random.normal(k_lat, shape, jnp.float32)  # to_latents
+        noise = jax.random.normal(k_noise, (1,) + shape, jnp.float32)[0]
+        t = jax.random.randint(k_t, (1, no), 0, SD21_BASE.num_train_timesteps)[0]
+        return latent_noise, noise, t
+
+    draws = jax.vmap(example)(losses.example_keys(rng, jnp.arange(b)))
+    return jax.tree.map(lambda x: x.reshape((b * no,) + x.shape[2:]), draws)
 
 
 @contextlib.contextmanager

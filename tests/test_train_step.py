@@ -14,7 +14,9 @@ conversations and documents). Compiling on CPU dominates the runtime, so:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax.tree_utils as otu
@@ -24,13 +26,15 @@ from flax import traverse_util
 from configs import common
 from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
 from dreamjax.data.synthetic import ShapesWorld
-from dreamjax.data.tokenize import LayoutConfig
+from dreamjax.data.tokenize import IGNORE_INDEX, LayoutConfig
 from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params
 from dreamjax.parallel.mesh import MESH_AXES, make_mesh
 from dreamjax.parallel.sharding import DEFAULT_RULES
-from dreamjax.train.optimizer import PARTS, STAGES, Stage, make_optimizer
+from dreamjax.train import losses
+from dreamjax.train.optimizer import make_optimizer
+from dreamjax.train.stages import PARTS, STAGES, Stage
 from dreamjax.train.state import TrainState, create_state
 from dreamjax.train.step import StepConfig, make_train_step, shard_batch
 from tests.helpers import max_rel_err
@@ -99,7 +103,7 @@ def setup() -> Setup:
         batches.append(b)
     for b in batches:  # every step sees images in, images out and text targets
         assert b["images_in_mask"].any() and b["images_out_mask"].any()
-        assert (b["labels"][:, 1:] != -100).sum() > 0
+        assert (b["labels"][:, 1:] != IGNORE_INDEX).sum() > 0
         assert np.all(np.abs(b["images_out"]) <= 1.0)
     # the three batches together hold all token-layout kinds: I2T and T2I blocks
     tokens = np.concatenate([b["tokens"] for b in batches])
@@ -327,50 +331,58 @@ def test_stage2_and_stage3_share_parts_and_weights():
 ACCUM_TRAINABLE = ("llm", "visual_projector", "dream_queries", "condition_projector")
 
 
-def _grad_accumulation(setup: Setup, mesh_shape):
-    """grad_accum_steps=2 over the same global batch = one step over it (accumulation 1, one device).
+def _grad_accumulation(setup: Setup, mesh_shape, accum_steps: int):
+    """grad_accum_steps=n over the same global batch = one step over it (accumulation 1, one device), with
+    both loss terms on.
 
-    The vm term is switched off (loss_weight_vm=0): each micro-batch draws its diffusion noise and
-    timesteps from its own key (`split(step_rng, 2)` instead of `step_rng`), so the vm terms of the two
-    runs are different samples, not a rounding difference. What remains differs only in fp32 summation
-    order (two partial CE sums and two gradients added instead of one reduction over the batch): ~2e-7
-    relative on the loss, ~5e-7 per gradient leaf; through clipping and AdamW (see ADAM_EPS) that stays
-    below ~1e-6 relative to each leaf's scale, so 1e-5 is a tolerance with margin. The two halves hold
-    different numbers of targets, so a per-micro-batch token mean instead of the global one would show.
+    Every example draws its diffusion randomness (VAE sample, noise, timesteps) from the step key folded
+    with its row in the global batch, so a micro-batch (every n-th row) draws exactly what the full batch
+    draws for those rows. What remains differs only in fp32 summation order (partial CE / MSE sums and n
+    gradients added instead of one reduction over the batch): ~1e-7 relative on the loss, ~1e-6 per
+    gradient leaf; through clipping and AdamW (see ADAM_EPS) that stays around 1e-6 relative to each leaf's
+    scale, so 1e-5 is a tolerance with margin. The micro-batches hold different numbers of targets and of
+    output images, so a per-micro-batch token or image mean instead of the global one would show, and so
+    would keys folded with the row's index in its micro-batch (a different sample: the loss moves by ~1%).
     """
     batch = setup.batches[0]
-    halves = [(batch["labels"][rows, 1:] != -100).sum() for rows in (slice(0, BATCH // 2), slice(BATCH // 2, None))]
-    assert halves[0] != halves[1] and min(halves) > 0, halves  # the global token mean matters
-    one = runner(setup, ACCUM_TRAINABLE, StepConfig(1.0, 0.0, grad_accum_steps=1))
-    two = runner(setup, ACCUM_TRAINABLE, StepConfig(1.0, 0.0, grad_accum_steps=2), mesh_shape)
+    micro = [slice(i, None, accum_steps) for i in range(accum_steps)]  # the rows of each micro-batch
+    targets = [(batch["labels"][rows, 1:] != IGNORE_INDEX).sum() for rows in micro]
+    images = [batch["images_out_mask"][rows].sum() for rows in micro]
+    assert len(set(targets)) > 1 and min(targets) > 0, targets  # the global token mean matters
+    assert len(set(images)) > 1 and max(images) > 0, images  # the global image mean matters
+    one = runner(setup, ACCUM_TRAINABLE, StepConfig(1.0, 10.0, grad_accum_steps=1))
+    acc = runner(setup, ACCUM_TRAINABLE, StepConfig(1.0, 10.0, grad_accum_steps=accum_steps), mesh_shape)
     s1, (m1,) = one.run([batch])
-    s2, (m2,) = two.run([batch])
-    assert m1["lm_targets"] == m2["lm_targets"] == sum(halves)
-    for k in ("loss", "lm_loss", "grad_norm"):
+    s2, (m2,) = acc.run([batch])
+    assert m1["lm_targets"] == m2["lm_targets"] == sum(targets)
+    assert m1["images_out"] == m2["images_out"] == sum(images)
+    for k in ("loss", "lm_loss", "vm_loss", "grad_norm"):
         assert max_rel_err(m2[k], m1[k]) <= 1e-6, (k, m1[k], m2[k])
-    assert m1["vm_loss"] == m2["vm_loss"] == 0.0
-    assert m2["dropped_lm"] == m2["dropped_vm"] == m2["skipped_updates"] == 0
+    assert m1["vm_loss"] > 0 and m1["lm_loss"] > 0
+    for k in ("dropped_lm", "dropped_vm", "skipped_updates"):
+        assert m1[k] == m2[k] == 0, k
     a, b = flat(s1.trainable), flat(s2.trainable)
     errs = {k: max_rel_err(b[k], a[k]) for k in a}
     worst = max(errs, key=errs.get)
-    print(f"grad accumulation on {mesh_shape}: loss rel err {max_rel_err(m2['loss'], m1['loss']):.1e}, "
+    metric_err = max(max_rel_err(m2[k], m1[k]) for k in ("loss", "lm_loss", "vm_loss", "grad_norm"))
+    print(f"grad accumulation x{accum_steps} on {mesh_shape}: metrics rel err {metric_err:.1e}, "
           f"max param rel err {errs[worst]:.1e} at {worst}")
     assert errs[worst] <= 1e-5, (worst, errs[worst])
     init = flat(one.host_state.trainable)
-    # every leaf moved, except the condition projector: at vm weight 0 no condition is even computed
-    for k in a:
-        assert np.array_equal(init[k], a[k]) == k.startswith("condition_projector/"), k
+    for k in a:  # every leaf moved, the condition projector too (both terms are on)
+        assert not np.array_equal(init[k], a[k]), k
 
 
-def test_grad_accumulation_matches_one_batch(setup):
-    """Accumulation on the (2, 2, 2) mesh (micro-batches of 4 rows from a batch sharded 4 ways)."""
-    _grad_accumulation(setup, (2, 2, 2))
+@pytest.mark.parametrize("accum_steps", [2, 4])
+def test_grad_accumulation_matches_one_batch(setup, accum_steps):
+    """Accumulation on the (2, 2, 2) mesh (micro-batches of 4 or 2 rows from a batch sharded 4 ways)."""
+    _grad_accumulation(setup, (2, 2, 2), accum_steps)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (8, 1, 1)], ids=str)
 def test_grad_accumulation_other_meshes(setup, mesh_shape):
-    _grad_accumulation(setup, mesh_shape)
+    _grad_accumulation(setup, mesh_shape, 2)
 
 
 # ------------------------------------------------------------------------------------------------ 4. non-finite
@@ -429,3 +441,37 @@ def test_nonfinite_absent_image_is_ignored(setup, key):
     a, b = flat(state.trainable), flat(clean_state.trainable)
     for k in b:
         assert np.array_equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ 5. score distillation
+
+
+def test_score_distillation_draws_per_example(setup):
+    """Several noise draws and condition dropout: every draw of an example comes from its own key, so a
+    batch's loss is the sum of its parts' losses for any split of the rows; dropout 1 ignores the condition
+    (every draw sees the unconditional one), dropout 0 does not; more draws are a different sample."""
+    params = nn.meta.unbox(setup.boxed_params)
+    batch = jax.tree.map(jax.numpy.asarray, setup.batches[0])
+    mask = batch["images_out_mask"]
+    b, no = mask.shape
+    cfg = setup.model.config
+    # a stand-in for the LLM's dream-query readout [B, No, Q, C]
+    cond = 0.5 * jax.random.normal(jax.random.PRNGKey(4), (b, no, cfg.num_dream_queries, cfg.condition_dim))
+    key = jax.random.PRNGKey(3)
+
+    @functools.partial(jax.jit, static_argnames=("draws", "dropout"))
+    def loss(params, rows, cond, draws, dropout):
+        return losses.score_distillation_loss(
+            setup.model, params, batch["images_out"][rows], cond[rows], mask[rows], losses.example_keys(key, rows),
+            setup.schedule, noise_draws=draws, condition_dropout=dropout)
+
+    rows = np.arange(b)
+    full = loss(params, rows, cond, 3, 0.5)
+    parts = sum(loss(params, rows[i::2], cond, 3, 0.5) for i in range(2))
+    assert np.isfinite(full) and full > 0
+    assert max_rel_err(parts, full) <= 1e-6, (parts, full)
+    assert not np.allclose(loss(params, rows, cond, 1, 0.5), full, rtol=1e-3)
+
+    other = 0.5 * jax.random.normal(jax.random.PRNGKey(5), cond.shape)
+    assert loss(params, rows, cond, 3, 1.0) == loss(params, rows, other, 3, 1.0)
+    assert not np.allclose(loss(params, rows, cond, 3, 0.0), loss(params, rows, other, 3, 0.0), rtol=1e-3)

@@ -274,26 +274,39 @@ def sample(
     model_fn(x, t) -> model output, with x [B, ...] and t int32 [B] (the current timestep for every
     example). Put CFG inside it, e.g. `classifier_free_guidance(*jnp.split(unet(x2, t2), 2), s)`.
     x_init: the starting x_T (default: N(0, I) from `key`, diffusers' init_noise_sigma is 1).
-    Randomness: x_T from split(key)[0]; the noise of step i from fold_in(split(key)[1], i).
+    Randomness: x_T from split(key)[0]; the noise of step i from fold_in(split(key)[1], i). `key` may also be
+    one key per example ([B, 2] raw keys): then each example's noise comes from its own key alone, so an
+    image does not depend on the batch it is drawn in (generation and evaluation give the same image).
     Wrap in `jax.jit` with model_fn/shape/num_steps/sampler static (e.g. via functools.partial).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     grid = timesteps(schedule, num_steps)
-    key_init, key_steps = jax.random.split(key)
-    x = jax.random.normal(key_init, shape, dtype) if x_init is None else jnp.asarray(x_init, dtype)
+    per_example = key.ndim == 2
+    if per_example and key.shape[0] != shape[0]:
+        raise ValueError(f"sample: {key.shape[0]} per-example keys for a batch of {shape[0]}")
+    split = jax.vmap(jax.random.split) if per_example else jax.random.split
+    keys = split(key)
+    key_init, key_steps = (keys[:, 0], keys[:, 1]) if per_example else (keys[0], keys[1])
+
+    def normal(k, i=None):
+        if per_example:
+            ks = k if i is None else jax.vmap(lambda kk: jax.random.fold_in(kk, i))(k)
+            return jax.vmap(lambda kk: jax.random.normal(kk, shape[1:], dtype))(ks)
+        return jax.random.normal(k if i is None else jax.random.fold_in(k, i), shape, dtype)
+
+    x = normal(key_init) if x_init is None else jnp.asarray(x_init, dtype)
     stochastic_ddim = not (isinstance(eta, int | float) and eta == 0)
 
     def body(x, inputs):
         i, t = inputs
         out = model_fn(x, jnp.full((shape[0],), t, jnp.int32))
-        step_key = jax.random.fold_in(key_steps, i)
         if sampler == "ddpm":
-            x = ddpm_step(schedule, out, t, x, step_key, num_steps).prev_sample
+            x = ddpm_step(schedule, out, t, x, None, num_steps, noise=normal(key_steps, i)).prev_sample
+        elif stochastic_ddim:
+            x = ddim_step(schedule, out, t, x, num_steps, eta, None, noise=normal(key_steps, i)).prev_sample
         else:
-            x = ddim_step(
-                schedule, out, t, x, num_steps, eta, step_key if stochastic_ddim else None
-            ).prev_sample
+            x = ddim_step(schedule, out, t, x, num_steps, eta, None).prev_sample
         return x, None
 
     x, _ = jax.lax.scan(body, x, (jnp.arange(len(grid)), jnp.asarray(grid)))

@@ -228,7 +228,9 @@ def velocity(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) 
 
 
 def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """What the denoiser regresses on, by `config.prediction_type` (ε for SD 2.1-base)."""
+    """What the denoiser regresses on, by `config.prediction_type`: the noise ("epsilon", SD 2.1-base),
+    the velocity ("v_prediction"), or the clean sample x0 ("sample", the pixel-space demo). The
+    score-distillation loss (`train/losses.py`) calls it."""
     kind = schedule.config.prediction_type
     if kind == "epsilon":
         return noise

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -15,11 +16,11 @@ import numpy as np
 
 from dreamjax.data import images as imgs
 from dreamjax.data.synthetic import ShapesWorld, caption, render, world_from_config
-from dreamjax.data.tokenize import VICUNA_V1_1, prompt_ids
 from dreamjax.eval.color import dominant_color
 from dreamjax.infer.decode import generate_text
-from dreamjax.infer.load import Run
-from dreamjax.infer.text_to_image import generate_images
+from dreamjax.infer.text_to_image import text_to_image
+from dreamjax.run.assembly import Run
+from dreamjax.run.prompts import SampleSettings
 
 VQA_QUESTION = "What color is the shape?"
 
@@ -33,24 +34,19 @@ def heldout_specs(world: ShapesWorld, n: int, seed: int = 0):
     return [specs[order[i % len(specs)]] for i in range(n)]
 
 
-def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps: int, guidance: float,
-                   sampler: str = "ddpm", seed: int = 0, batch: int = 32) -> tuple[float, list[dict]]:
+def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, settings: SampleSettings, *,
+                   seed: int = 0) -> tuple[float, list[dict]]:
+    """Image i is what `dreamjax generate --mode image --seed SEED` gives as its image i for that prompt."""
     specs = heldout_specs(world, n, seed)
-    lay = run.layout()
     texts = [caption(s, variant=i) for i, s in enumerate(specs)]  # held-out specs in varied phrasings
-    records, images = [], []
-    negative = prompt_ids("", run.tokenizer, lay, run.specials)
-    for start in range(0, len(specs), batch):
-        prompts = [prompt_ids(t, run.tokenizer, lay, run.specials) for t in texts[start : start + batch]]
-        out = generate_images(run.model, run.params, run.schedule, prompts, negative=negative, num_steps=steps,
-                              guidance=guidance, sampler=sampler, seed=seed + start)
-        images += [imgs.to_uint8(x) for x in out]
-    hits = 0
+    images = [imgs.to_uint8(x) for x in text_to_image(run, texts, settings, seed=seed)]
+    records, hits = [], 0
     for i, (spec, text, img) in enumerate(zip(specs, texts, images)):
         got = dominant_color(img, background=spec.background)
         hits += got == spec.color
         path = imgs.save_png(img, os.path.join(out_dir, f"t2i_{i:03d}_{spec.color}_{spec.shape}.png"))
-        records.append({"prompt": text, "asked": spec.color, "dominant": got, "image": path})
+        records.append({"prompt": text, "asked": spec.color, "dominant": got, "image": path, "seed": seed,
+                        "index": i})
     imgs.save_png(imgs.image_grid(images[:32], cols=8), os.path.join(out_dir, "t2i_grid.png"))
     return hits / max(len(specs), 1), records
 
@@ -58,9 +54,7 @@ def color_accuracy(run: Run, world: ShapesWorld, n: int, out_dir: str, *, steps:
 def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: int = 32,
                  max_new_tokens: int = 4) -> tuple[float, list[dict]]:
     specs = heldout_specs(world, n, seed + 1)
-    lay = run.layout()
-    prompt = VICUNA_V1_1.prompt([("user", "<image>\n" + VQA_QUESTION), ("assistant", None)])
-    ids = prompt_ids(prompt, run.tokenizer, lay, run.specials)
+    ids = run.text_prompt(VQA_QUESTION, num_images=1)
     side = run.model.config.vision.image_size
     stop = [run.specials.eos]
     records, hits = [], 0
@@ -81,13 +75,14 @@ def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: 
 
 def evaluate(run: Run, out_dir: str, *, n: int = 64, steps: int | None = None, guidance: float | None = None,
              sampler: str | None = None, seed: int = 0) -> dict[str, float]:
+    """Both skills on `n` held-out cases each; samples and answers to `out_dir`. Sampling follows the run's
+    `config.sample` unless overridden."""
     os.makedirs(out_dir, exist_ok=True)
     world = world_from_config(run.config.data)
-    steps = int(run.config.sample.steps) if steps is None else steps
-    guidance = float(run.config.sample.guidance) if guidance is None else guidance
-    sampler = str(run.config.sample.sampler) if sampler is None else sampler
-    color, t2i = color_accuracy(run, world, n, out_dir, steps=steps, guidance=guidance, sampler=sampler, seed=seed)
+    settings = run.sample_settings(steps=steps, guidance=guidance, sampler=sampler)
+    color, t2i = color_accuracy(run, world, n, out_dir, settings, seed=seed)
     vqa, answers = vqa_accuracy(run, world, n, seed=seed)
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
-        json.dump({"text_to_image": t2i, "vqa": answers, "color_accuracy": color, "vqa_accuracy": vqa}, f, indent=1)
+        json.dump({"text_to_image": t2i, "vqa": answers, "color_accuracy": color, "vqa_accuracy": vqa,
+                   "sample_settings": dataclasses.asdict(settings)}, f, indent=1)
     return {"color_accuracy": color, "vqa_accuracy": vqa}

@@ -1,30 +1,19 @@
-"""Orbax checkpoints: the train state in separate items (so inference restores params alone), the
-Grain iterator state, and metadata. Restores onto any mesh (targets carry shardings); a checkpoint that
-fails to restore falls back to the previous one, loudly.
-
-Layout of `workdir/checkpoints/<step>/`: trainable/, frozen/, opt_state/, meta/ (step, rng, counters),
-data/ (Grain iterator, when given).
+"""The train state in and out of the workdir's checkpoints (the layout, the fallback to an older checkpoint
+and the partial restores live in `dreamjax/run/checkpoints.py`; this file only maps `TrainState` onto its
+items). Restores onto any mesh: the targets carry the shardings.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from dreamjax.run import checkpoints
+from dreamjax.run.checkpoints import STATE_ITEMS
 from dreamjax.train.state import TrainState
-
-log = logging.getLogger(__name__)
-
-STATE_ITEMS = ("trainable", "frozen", "opt_state", "meta")
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    pass
 
 
 def _meta(state: TrainState) -> dict:
@@ -32,27 +21,11 @@ def _meta(state: TrainState) -> dict:
             "skipped_updates": state.skipped_updates}
 
 
-def manager(directory: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-            read_only: bool = False, with_data: bool = False) -> ocp.CheckpointManager:
-    directory = os.path.abspath(directory)
-    handlers = {name: ocp.StandardCheckpointHandler() for name in STATE_ITEMS}
-    if with_data:
-        handlers["data"] = grain.checkpoint.CheckpointHandler()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                           create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
-
-
 def save(mngr: ocp.CheckpointManager, state: TrainState, data_iter: Any | None = None, *,
          force: bool = False) -> bool:
-    step = int(jax.device_get(state.step))
     trees = {"trainable": state.trainable, "frozen": state.frozen, "opt_state": state.opt_state,
              "meta": _meta(state)}
-    # Orbax refuses empty trees (e.g. nothing frozen in the demo stage): such items are simply absent.
-    items = {k: ocp.args.StandardSave(v) for k, v in trees.items() if jax.tree.leaves(v)}
-    if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    return checkpoints.save(mngr, int(jax.device_get(state.step)), trees, data_iter, force=force)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -60,36 +33,26 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target: TrainState, shardings: TrainState,
-                   data_iter: Any | None = None, *, items: tuple[str, ...] = STATE_ITEMS) -> tuple[TrainState, int]:
-    """Restore the newest checkpoint that reads back; the target (arrays or ShapeDtypeStructs) and its
-    shardings give the structure and the mesh to restore onto. Returns (state, step)."""
-    steps = sorted(mngr.all_steps(), reverse=True)
-    if not steps:
-        raise CheckpointNotFoundError(f"no checkpoint in {mngr.directory}")
-    errors = []
-    for step in steps:
-        try:
-            args = {}
-            for name in items:
-                if name == "meta":
-                    sub, sh = _meta(target), _meta(shardings)
-                else:
-                    sub, sh = getattr(target, name), getattr(shardings, name)
-                    if not jax.tree.leaves(sub):  # empty parts are not saved
-                        continue
-                args[name] = ocp.args.StandardRestore(_abstract(sub, sh))
-            if data_iter is not None:
-                args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-            out = mngr.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-            log.warning("checkpoint %d in %s failed to restore (%s: %s); falling back to the previous one",
-                        step, mngr.directory, type(e).__name__, e)
-            errors.append(f"step {step}: {type(e).__name__}: {e}")
-            continue
-        if errors:
-            log.warning("restored checkpoint %d after %d newer one(s) failed", step, len(errors))
-        replace = {name: out[name] for name in items if name != "meta" and name in args}
-        if "meta" in items:
-            replace.update(out["meta"])
-        return target.replace(**replace), step
-    raise CheckpointNotFoundError(f"no checkpoint in {mngr.directory} could be restored: " + "; ".join(errors))
+                   data_iter: Any | None = None) -> tuple[TrainState, int]:
+    """Restore the newest checkpoint that reads back onto `target`'s structure and `shardings`' mesh
+    (and the Grain iterator in place). Returns (state, step)."""
+
+    def make_args(_step: int) -> dict:
+        args = {}
+        for name in STATE_ITEMS:
+            if name == "meta":
+                sub, sh = _meta(target), _meta(shardings)
+            else:
+                sub, sh = getattr(target, name), getattr(shardings, name)
+                if not jax.tree.leaves(sub):  # empty parts are not saved
+                    continue
+            args[name] = ocp.args.StandardRestore(_abstract(sub, sh))
+        if data_iter is not None:
+            args[checkpoints.DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+        return args
+
+    out, step = checkpoints.restore(mngr, make_args)
+    replace = {name: out[name] for name in ("trainable", "frozen", "opt_state") if name in out}
+    replace.update(out["meta"])
+    return target.replace(**replace), step
+

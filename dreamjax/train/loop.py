@@ -13,6 +13,7 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,44 +22,20 @@ from ml_collections import ConfigDict
 from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
 from dreamjax.data.synthetic import world_from_config
 from dreamjax.data.tokenize import LayoutConfig
-from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer, load_tokenizer
-from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
-from dreamjax.models.dreamllm import DreamLLM, DreamLLMConfig, SpecialTokenIds, build_config, init_params
-from dreamjax.parallel.mesh import describe, make_mesh
-from dreamjax.parallel.sharding import check_batch_divides, rules_from_config
+from dreamjax.models.dreamllm import DreamLLMConfig
+from dreamjax.parallel.mesh import describe
+from dreamjax.parallel.sharding import check_batch_divides
+from dreamjax.run import checkpoints
+from dreamjax.run.assembly import Run, new_run
+from dreamjax.run.model import precision
 from dreamjax.train import checkpoint
 from dreamjax.train.metrics import MetricsWriter, Progress
-from dreamjax.train.optimizer import get_stage, make_optimizer
-from dreamjax.train.state import create_state
+from dreamjax.train.optimizer import make_optimizer
+from dreamjax.train.stages import get_stage
+from dreamjax.train.state import state_from_params, state_shardings_for
 from dreamjax.train.step import StepConfig, make_train_step, shard_batch
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {  # name -> (compute dtype, trainable param dtype, frozen param dtype)
-    "fp32": (jnp.float32, jnp.float32, jnp.float32),
-    "bf16": (jnp.bfloat16, jnp.float32, jnp.bfloat16),  # fp32 master weights, bf16 compute
-    "pure_bf16": (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),  # upstream: everything bf16, no master copy
-}
-
-
-def build_tokenizer(config: ConfigDict):
-    if config.tokenizer == "synthetic":
-        return build_word_tokenizer(world_from_config(config.data).vocabulary())
-    return load_tokenizer(config.tokenizer)
-
-
-def build_model(config: ConfigDict, tokenizer) -> tuple[DreamLLM, Schedule]:
-    if config.train.precision not in PRECISIONS:
-        raise ValueError(f"config.train.precision must be one of {sorted(PRECISIONS)}, got "
-                         f"{config.train.precision!r}")
-    compute, _, _ = PRECISIONS[config.train.precision]
-    tokens = SpecialTokenIds.from_ids(SpecialIds.from_tokenizer(tokenizer))
-    model_cfg = build_config(config.model.to_dict(), vocab_size=len(tokenizer), tokens=tokens, dtype=compute)
-    if model_cfg.vae is None and model_cfg.unet.sample_size != int(config.data.resolution_out):
-        raise ValueError(f"pixel-space diffusion (model.vae=None) needs model.unet.sample_size "
-                         f"({model_cfg.unet.sample_size}) == data.resolution_out ({config.data.resolution_out})")
-    schedule = Schedule.create(ScheduleConfig.from_diffusers(dict(config.model.schedule)))
-    return DreamLLM(model_cfg), schedule
 
 
 def build_sources(config: ConfigDict) -> tuple[dict, dict]:
@@ -86,25 +63,12 @@ def pipeline_config(config: ConfigDict, model_cfg: DreamLLMConfig, per_host_batc
     )
 
 
-def save_run_files(workdir: str, config: ConfigDict, tokenizer) -> None:
-    """The resolved config and the tokenizer, so `dreamjax generate` needs nothing but the workdir."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-
-
 def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Train per `config`; returns the last logged metrics."""
     t_start = time.time()
-    tokenizer = build_tokenizer(config)
-    model, schedule = build_model(config, tokenizer)
-    mcfg = model.config
+    run = new_run(config)
+    config, mesh, rules, mcfg = run.config, run.mesh, run.rules, run.model_config
     stage = get_stage(config.train.stage, config.train.trainable, config.train.loss_weights)
-    mesh = make_mesh({k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")}, config.mesh.dcn)
-    rules = rules_from_config(config.mesh.rules)
     global_batch = int(config.train.global_batch_size)
     check_batch_divides(global_batch, mesh, rules)
     if global_batch % jax.process_count():
@@ -117,37 +81,27 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[st
         raise ValueError(f"config.train.steps must be >= 1, got {steps}")
     log.info("mesh %s, stage %s (trainable: %s)", describe(mesh), config.train.stage, ", ".join(stage.trainable))
 
-    _, train_dtype, frozen_dtype = PRECISIONS[config.train.precision]
     tx, lr_schedule = make_optimizer(
         learning_rate=float(config.train.learning_rate), total_steps=steps,
         warmup_steps=int(config.train.warmup_steps), weight_decay=float(config.train.weight_decay),
         grad_clip_norm=config.train.grad_clip_norm,
     )
-    state, shardings = create_state(
-        lambda k: init_params(model, k), tx, stage.trainable, mesh, rules, jax.random.PRNGKey(int(config.seed)),
-        frozen_dtype=None if frozen_dtype == jnp.float32 else frozen_dtype,
-        trainable_dtype=None if train_dtype == jnp.float32 else train_dtype,
-    )
+    sources, weights = build_sources(config)
+    per_host = global_batch // jax.process_count()
+    data = make_dataset(sources, weights, run.tokenizer, pipeline_config(config, mcfg, per_host),
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(data)
+
+    run.save_files(workdir)
+    mngr = checkpoints.manager(checkpoints.checkpoints_dir(workdir), max_to_keep=int(config.train.keep_checkpoints),
+                               with_data=True)
+    state, shardings, start = _initial_state(run, tx, stage.trainable, mngr, data_iter)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.trainable))
     n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.frozen))
     log.info("parameters: %s trainable, %s frozen", f"{n_params:,}", f"{n_frozen:,}")
 
-    sources, weights = build_sources(config)
-    per_host = global_batch // jax.process_count()
-    data = make_dataset(sources, weights, tokenizer, pipeline_config(config, mcfg, per_host),
-                        process_index=jax.process_index(), process_count=jax.process_count())
-    data_iter = iter(data)
-
-    save_run_files(workdir, config, tokenizer)
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints),
-                              with_data=True)
-    start = 0
-    if mngr.latest_step() is not None:
-        state, start = checkpoint.restore_latest(mngr, state, shardings, data_iter)
-        log.info("resumed from step %d", start)
-
     step_fn = make_train_step(
-        model, tx, schedule,
+        run.model, tx, run.schedule,
         StepConfig(stage.loss_weight_lm, stage.loss_weight_vm, accum, float(config.train.condition_dropout),
                    int(config.train.noise_draws)),
         mesh, rules, shardings,
@@ -197,3 +151,24 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[st
             json.dump(skips_total, f, indent=2, sort_keys=True)
     last["train_seconds"] = time.time() - t_start
     return last
+
+
+def _initial_state(run: Run, tx, trainable: tuple[str, ...], mngr, data_iter):
+    """(state, shardings, start step): the newest readable checkpoint of this workdir when there is one
+    (then nothing is initialised and `config.init`'s weights are not read), else fresh params with
+    `config.init`'s weights over them."""
+    _, train_dtype, frozen_dtype = precision(run.config)
+    dtypes = dict(frozen_dtype=None if frozen_dtype == jnp.float32 else frozen_dtype,
+                  trainable_dtype=None if train_dtype == jnp.float32 else train_dtype)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(int(run.config.seed)))
+    build = lambda p: state_from_params(p, run.param_shardings, tx, trainable, run.mesh, state_key, **dtypes)
+    if mngr.latest_step() is not None:
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                nn.meta.unbox(run.abstract_params), run.param_shardings)
+        target = jax.eval_shape(lambda p: build(p)[0], abstract)
+        shardings, _ = state_shardings_for(run.param_shardings, abstract, tx, trainable, run.mesh)
+        state, start = checkpoint.restore_latest(mngr, target, shardings, data_iter)
+        log.info("resumed from step %d", start)
+        return state, shardings, start
+    state, shardings = build(run.init_params(init_key))
+    return state, shardings, 0

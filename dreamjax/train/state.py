@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dreamjax.parallel.sharding import Rules, logical_sharding
-from dreamjax.train.optimizer import merge_params, split_params
+from dreamjax.train.stages import merge_params, split_params
 
 
 @flax.struct.dataclass
@@ -44,7 +44,11 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, trai
                     rules: Rules) -> tuple[TrainState, Any]:
     """(TrainState of NamedShardings, abstract TrainState) for boxed abstract params (eval_shape of init)."""
     param_sh = logical_sharding(abstract_params, mesh, rules)
-    plain = nn.meta.unbox(abstract_params)
+    return state_shardings_for(param_sh, nn.meta.unbox(abstract_params), tx, trainable_parts, mesh)
+
+
+def state_shardings_for(param_sh: Any, plain: Any, tx, trainable_parts, mesh: Mesh) -> tuple[TrainState, Any]:
+    """(TrainState of NamedShardings, abstract optimizer state) for param shardings and plain abstract params."""
     train_sh, frozen_sh = split_params(param_sh, trainable_parts)
     train_abs, _ = split_params(plain, trainable_parts)
     opt_abs = jax.eval_shape(tx.init, train_abs)
@@ -57,20 +61,20 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, trai
     return shardings, opt_abs
 
 
-def create_state(init_fn, tx: optax.GradientTransformation, trainable_parts, mesh: Mesh, rules: Rules,
-                 rng: jax.Array, *, frozen_dtype=None, trainable_dtype=None) -> tuple[TrainState, TrainState]:
-    """Initialise params (init_fn(key) -> boxed variables['params']) sharded, split, and build the state.
+def state_from_params(params: Any, param_shardings: Any, tx: optax.GradientTransformation, trainable_parts,
+                      mesh: Mesh, rng: jax.Array, *, frozen_dtype=None,
+                      trainable_dtype=None) -> tuple[TrainState, TrainState]:
+    """The train state around already placed params (random init and/or pretrained weights): split into
+    trainable and frozen parts, cast, optimizer state created sharded. `params` is donated.
 
     frozen_dtype: e.g. bf16 to store frozen parts (CLIP, UNet, VAE, a stage-I LLM) in half precision.
     trainable_dtype: bf16 for `pure_bf16` (upstream: bf16 params and AdamW states, no fp32 master).
-    Returns (state, shardings).
+    rng: the state's RNG key. Returns (state, shardings).
     """
-    init_key, state_key = jax.random.split(rng)
-    abstract = jax.eval_shape(init_fn, init_key)
-    shardings, _ = state_shardings(abstract, tx, trainable_parts, mesh, rules)
+    plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings, _ = state_shardings_for(param_shardings, plain, tx, trainable_parts, mesh)
 
-    def build(key):
-        params = nn.meta.unbox(init_fn(key))
+    def build(params, rng):
         trainable, frozen = split_params(params, trainable_parts)
         if trainable_dtype is not None:
             trainable = _cast_floats(trainable, trainable_dtype)
@@ -78,13 +82,25 @@ def create_state(init_fn, tx: optax.GradientTransformation, trainable_parts, mes
             frozen = _cast_floats(frozen, frozen_dtype)
         return TrainState(
             step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable),
-            rng=state_key, dropped_lm=jnp.zeros((), jnp.int32), dropped_vm=jnp.zeros((), jnp.int32),
+            rng=rng, dropped_lm=jnp.zeros((), jnp.int32), dropped_vm=jnp.zeros((), jnp.int32),
             skipped_updates=jnp.zeros((), jnp.int32),
         )
 
     with mesh:
-        state = jax.jit(build, out_shardings=shardings)(init_key)
+        state = jax.jit(build, out_shardings=shardings, donate_argnums=0)(params, rng)
     return state, shardings
+
+
+def create_state(init_fn, tx: optax.GradientTransformation, trainable_parts, mesh: Mesh, rules: Rules,
+                 rng: jax.Array, *, frozen_dtype=None, trainable_dtype=None) -> tuple[TrainState, TrainState]:
+    """Initialise params (init_fn(key) -> boxed variables['params']) sharded, then `state_from_params`.
+    Returns (state, shardings)."""
+    init_key, state_key = jax.random.split(rng)
+    param_sh = logical_sharding(jax.eval_shape(init_fn, init_key), mesh, rules)
+    with mesh:
+        params = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=param_sh)(init_key)
+    return state_from_params(params, param_sh, tx, trainable_parts, mesh, state_key,
+                             frozen_dtype=frozen_dtype, trainable_dtype=trainable_dtype)
 
 
 def _cast_floats(tree: Any, dtype) -> Any:

@@ -1,10 +1,11 @@
 """The DreamLLM train step: one `jax.jit` with NamedSharding in/out shardings and a donated state.
 
 loss = w_lm * (CE summed over the global batch's valid targets / their count)
-     + w_vm * (per-image diffusion MSE summed over present output images / their count)
+     + w_vm * (score-distillation MSE summed over present output images / their count)
 
-Counts come from the *global* batch before any micro-batching, so the step is independent of the mesh
-and of gradient accumulation (spec 1.3: dreamjax's deliberate global token mean).
+Counts come from the *global* batch before any micro-batching, and each example draws its diffusion noise
+from a key folded with its row in the global batch, so the step is independent of the mesh and of gradient
+accumulation (spec 1.3: dreamjax's deliberate global token mean).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dreamjax.diffusion.schedule import Schedule, add_noise, training_target
+from dreamjax.diffusion.schedule import Schedule
 from dreamjax.models.dreamllm import DreamLLM
 from dreamjax.parallel.sharding import Rules, batch_sharding
 from dreamjax.train import losses
-from dreamjax.train.optimizer import merge_params
+from dreamjax.train.stages import merge_params
 from dreamjax.train.state import TrainState
 
-BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "images_in", "images_in_mask", "images_out",
-              "images_out_mask")
+# The batch contract (DESIGN section 3): key -> number of dimensions; the leading one is the batch.
+BATCH_NDIM = {"tokens": 2, "labels": 2, "positions": 2, "segment_ids": 2, "images_in": 5, "images_in_mask": 2,
+              "images_out": 5, "images_out_mask": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,74 +52,45 @@ class StepConfig:
 
 
 def loss_terms(model: DreamLLM, params: Any, batch: dict, rng: jax.Array, schedule: Schedule,
-               cfg: StepConfig) -> dict[str, jax.Array]:
-    """Sums (not means) of both loss terms over this (micro-)batch."""
+               cfg: StepConfig, rows: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Sums (not means) of both loss terms over this (micro-)batch: {"ce_sum", "mse_sum"}.
+
+    rng: the step's key. rows [b]: the rows of `batch` in the global batch (default: `batch` is the global
+    batch); example i draws its diffusion randomness from `fold_in(rng, rows[i])`.
+    """
     max_out = batch["images_out"].shape[1] if cfg.uses_vm else 0
-    # Image slots without an image never enter a tower: masking their outputs afterwards is not enough,
-    # since a NaN/Inf there would still reach the gradients through the backward pass (0 * NaN = NaN)
-    # and skip the whole update.
-    images_in = _zero_absent(batch["images_in"], batch["images_in_mask"])
+    images_in = losses.zero_absent(batch["images_in"], batch["images_in_mask"])
     logits, cond, present = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
         images_in, batch["images_in_mask"], max_images_out=max_out,
     )
     ce_sum, _ = losses.lm_loss_sum(logits, batch["labels"])
-    out = {"ce_sum": ce_sum, "mse_sum": jnp.zeros((), jnp.float32)}
     if not cfg.uses_vm:
-        return out
-
-    mask = batch["images_out_mask"] & present  # [B, No]
-    images = _zero_absent(batch["images_out"], mask)  # [B, No, R, R, 3] in [-1, 1]
-    b, no = images.shape[:2]
-    images = images.reshape((b * no,) + images.shape[2:])
-    cond = cond.reshape((b * no,) + cond.shape[2:])  # [B*No, Q, C]
-    k_lat, k_noise, k_t, k_drop = jax.random.split(rng, 4)
-    latents = model.apply({"params": params}, images, k_lat, method=DreamLLM.to_latents)
-    k = cfg.noise_draws
-    if k > 1:  # [K * B * No, ...]: each image (and its condition) noised K times
-        latents, cond = jnp.tile(latents, (k,) + (1,) * (latents.ndim - 1)), jnp.tile(cond, (k, 1, 1))
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32).astype(latents.dtype)
-    t = jax.random.randint(k_t, (k * b * no,), 0, schedule.num_train_timesteps)
-    if cfg.condition_dropout > 0:
-        uncond = unconditional_condition(model, params, batch["tokens"].dtype)  # [Q, C]
-        drop = jax.random.bernoulli(k_drop, cfg.condition_dropout, (k * b * no, 1, 1))
-        cond = jnp.where(drop, uncond[None].astype(cond.dtype), cond)
-    noisy = add_noise(schedule, latents, noise, t)
-    pred = model.apply({"params": params}, noisy, t, cond, method=DreamLLM.denoise)
-    mse = losses.per_image_mse(pred, training_target(schedule, latents, noise, t)).reshape(k, b * no).mean(0)
-    out["mse_sum"] = jnp.sum(jnp.where(mask.reshape(-1), mse, 0.0))
-    return out
+        return {"ce_sum": ce_sum, "mse_sum": jnp.zeros((), jnp.float32)}
+    if rows is None:
+        rows = jnp.arange(batch["tokens"].shape[0])
+    mse_sum = losses.score_distillation_loss(
+        model, params, batch["images_out"], cond, batch["images_out_mask"] & present,
+        losses.example_keys(rng, rows), schedule, noise_draws=cfg.noise_draws,
+        condition_dropout=cfg.condition_dropout,
+    )
+    return {"ce_sum": ce_sum, "mse_sum": mse_sum}
 
 
-def _zero_absent(images: jax.Array, mask: jax.Array) -> jax.Array:
-    """images [B, N, ...] with the slots where mask [B, N] is False set to 0."""
-    mask = mask.reshape(mask.shape + (1,) * (images.ndim - mask.ndim))
-    return jnp.where(mask, images, jnp.zeros((), images.dtype))
-
-
-def unconditional_condition(model: DreamLLM, params: Any, dtype=jnp.int32) -> jax.Array:
-    """The condition for an empty prompt: dream-query readout after `[BOS, <dream_start>]` (spec 1.4)."""
-    ids = model.config.tokens
-    q = model.config.num_dream_queries
-    tokens = jnp.array([[ids.bos, ids.dream_start] + [ids.im_patch] * q + [ids.dream_end]], dtype)
-    positions = jnp.arange(tokens.shape[1])[None]
-    _, cond, _ = model.apply({"params": params}, tokens, positions, None, None, None, max_images_out=1)
-    return cond[0, 0]
-
-
-def _micro_batches(batch: dict, n: int) -> dict:
-    """[B, ...] -> [n, B/n, ...] taking every n-th row, so each micro-batch keeps rows on every data shard
-    (contiguous chunks would sit on a subset of the devices and force a reshard per micro-step)."""
-    return {k: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1) for k, v in batch.items()}
+def _micro_batches(tree: Any, n: int) -> Any:
+    """[B, ...] -> [n, B/n, ...] taking every n-th row (micro-batch m holds rows m, m + n, m + 2n, ...), so
+    each micro-batch keeps rows on every data shard (contiguous chunks would sit on a subset of the devices
+    and force a reshard per micro-step)."""
+    return jax.tree.map(lambda v: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1), tree)
 
 
 def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule: Schedule, cfg: StepConfig,
                     mesh: Mesh, rules: Rules, state_shardings: TrainState):
     """A jitted `train_step(state, batch) -> (state, metrics)` with the state donated."""
 
-    def objective(trainable, frozen, micro, rng, n_tokens, n_images):
+    def objective(trainable, frozen, micro, rows, rng, n_tokens, n_images):
         params = merge_params(trainable, frozen)
-        terms = loss_terms(model, params, micro, rng, schedule, cfg)
+        terms = loss_terms(model, params, micro, rng, schedule, cfg, rows)
         lm = losses.safe_divide(terms["ce_sum"], n_tokens)
         vm = losses.safe_divide(terms["mse_sum"], n_images)
         lm, lm_dropped = losses.drop_nonfinite(lm)
@@ -131,27 +104,33 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
         rng, step_rng = jax.random.split(state.rng)
         n_tokens = losses.num_lm_targets(batch["labels"])
         n_images = jnp.sum(batch["images_out_mask"]).astype(jnp.float32)
+        rows = jnp.arange(batch["tokens"].shape[0])  # global row indices (jit sees the global batch)
+        args = lambda mb, mb_rows: (state.trainable, state.frozen, mb, mb_rows, step_rng, n_tokens, n_images)
         a = cfg.grad_accum_steps
         if a == 1:
-            (loss, aux), grads = grad_fn(state.trainable, state.frozen, batch, step_rng, n_tokens, n_images)
-        else:  # sums over micro-batches: the loss terms are already divided by the global counts
-            micro = _micro_batches(batch, a)
-            keys = jax.random.split(step_rng, a)
-            args = lambda mb, key: (state.trainable, state.frozen, mb, key, n_tokens, n_images)
-            shapes = jax.eval_shape(grad_fn, *args(jax.tree.map(lambda x: x[0], micro), keys[0]))
+            (loss, aux), grads = grad_fn(*args(batch, rows))
+        else:
+            # Sums over micro-batches: the loss terms are already divided by the global counts, and every
+            # example draws from its own global-row key, so this is the full-batch step up to fp32 rounding.
+            # (Not `optax.MultiSteps`: that accumulates one micro-batch per call across calls and averages.)
+            micro = _micro_batches((batch, rows), a)
+            shapes = jax.eval_shape(grad_fn, *args(*jax.tree.map(lambda x: x[0], micro)))
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             body = lambda carry, xs: (jax.tree.map(jnp.add, carry, grad_fn(*args(*xs))), None)
-            ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+            ((loss, aux), grads), _ = jax.lax.scan(body, zeros, micro)
             # a term dropped in any micro-batch counts once for the step
             aux = {**aux, "lm_dropped": jnp.minimum(aux["lm_dropped"], 1),
                    "vm_dropped": jnp.minimum(aux["vm_dropped"], 1)}
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
         new_params = optax.apply_updates(state.trainable, updates)
         # A non-finite gradient (e.g. NaN activations that a dropped term still leaves in the backward
-        # pass) skips the update entirely instead of poisoning the weights.
+        # pass) skips the update entirely instead of poisoning the weights. Not `optax.apply_if_finite`:
+        # that keeps its counters inside the optimizer state (a different checkpoint layout from
+        # `state.skipped_updates`), applies NaN updates after `max_consecutive_errors`, and tests each
+        # element rather than the global norm that is logged (which also catches a norm overflowing fp32).
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(
             step=state.step + 1,
@@ -170,7 +149,7 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
         }
         return new_state, metrics
 
-    batch_sh = {k: batch_sharding(mesh, rules, nd) for k, nd in _BATCH_NDIM.items()}
+    batch_sh = {k: batch_sharding(mesh, rules, nd) for k, nd in BATCH_NDIM.items()}
     return jax.jit(
         train_step,
         in_shardings=(state_shardings, batch_sh),
@@ -179,15 +158,10 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
     )
 
 
-_BATCH_NDIM = {"tokens": 2, "labels": 2, "positions": 2, "segment_ids": 2, "images_in": 5, "images_in_mask": 2,
-               "images_out": 5, "images_out_mask": 2}
-
-
 def shard_batch(batch: dict, mesh: Mesh, rules: Rules) -> dict:
     """Host numpy batch (this process's rows) -> global jax Arrays sharded over the batch axes."""
     out = {}
-    for k in BATCH_KEYS:
-        x = batch[k]
-        sh = batch_sharding(mesh, rules, x.ndim)
-        out[k] = jax.make_array_from_process_local_data(sh, x)
+    for k, ndim in BATCH_NDIM.items():
+        sh = batch_sharding(mesh, rules, ndim)
+        out[k] = jax.make_array_from_process_local_data(sh, batch[k])
     return out

@@ -1,0 +1,138 @@
+"""`Run`: everything a command needs, assembled once from a config (a new run) or a workdir (a trained run).
+
+    run = new_run(config)              # resolved config, tokenizer, model, schedule, mesh, rules
+    params = run.init_params(rng)      # random init + config.init weights, placed on the mesh
+    run = load_run(workdir)            # ... and the newest readable checkpoint's params, on the mesh
+
+`train/`, `infer/`, `eval/` and `cli.py` take a `Run` and assemble nothing themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from dreamjax.data.tokenize import LayoutConfig
+from dreamjax.data.tokenizer import SpecialIds, load_tokenizer
+from dreamjax.diffusion.schedule import Schedule
+from dreamjax.models.dreamllm import DreamLLM, DreamLLMConfig, init_params
+from dreamjax.parallel.mesh import MESH_AXES, make_mesh
+from dreamjax.parallel.sharding import Rules, logical_sharding, rules_from_config
+from dreamjax.run import checkpoints, prompts, weights
+from dreamjax.run.model import build_model, build_tokenizer, read_workdir_config, resolve_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    config: ConfigDict  # resolved: the model sections carry the architecture of the weights it starts from
+    tokenizer: Any
+    specials: SpecialIds
+    model: DreamLLM
+    schedule: Schedule
+    mesh: Mesh
+    rules: Rules
+    workdir: str | None = None
+    params: dict | None = None  # a loaded run's parameters, placed on `mesh`
+    step: int | None = None  # the checkpoint step they come from
+
+    @property
+    def model_config(self) -> DreamLLMConfig:
+        return self.model.config
+
+    # ---------------------------------------------------------------- layout and prompts
+
+    def layout(self) -> LayoutConfig:
+        """The token layout the run trains with (block sizes, max length, mode, chat template)."""
+        cfg = self.model.config
+        return LayoutConfig(num_image_tokens=cfg.num_image_tokens, num_dream_queries=cfg.num_dream_queries,
+                            max_length=int(self.config.data.max_length), mode=self.config.data.mode)
+
+    def image_prompt(self, text: str, num_images: int = 0) -> list[int]:
+        return prompts.image_prompt(text, self.tokenizer, self.layout(), self.specials, num_images)
+
+    def text_prompt(self, text: str, num_images: int = 0) -> list[int]:
+        return prompts.text_prompt(text, self.tokenizer, self.layout(), self.specials, num_images)
+
+    def sample_settings(self, **overrides) -> prompts.SampleSettings:
+        """The run's own sampler settings (`config.sample`), with the non-None overrides applied."""
+        return prompts.SampleSettings.from_config(self.config.sample, **overrides)
+
+    # ---------------------------------------------------------------- parameters
+
+    @functools.cached_property
+    def abstract_params(self) -> Any:
+        """The boxed parameter tree as ShapeDtypeStructs with logical axis names (nothing allocated)."""
+        return jax.eval_shape(lambda k: init_params(self.model, k), jax.random.key(0))
+
+    @functools.cached_property
+    def param_shardings(self) -> Any:
+        return logical_sharding(self.abstract_params, self.mesh, self.rules)
+
+    def init_params(self, rng: jax.Array) -> dict:
+        """Random parameters for every part, created sharded, then the `config.init` weights over them."""
+        shardings = self.param_shardings
+        with self.mesh:
+            params = jax.jit(lambda k: nn.meta.unbox(init_params(self.model, k)), out_shardings=shardings)(rng)
+        return weights.load_pretrained(self.config, self.model.config, params)
+
+    def restore_params(self, step: int | None = None) -> tuple[dict, int]:
+        """Parameters of the newest readable checkpoint (or `step`) in this run's workdir, on the mesh."""
+        if self.workdir is None:
+            raise ValueError("this run has no workdir to restore from")
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              nn.meta.unbox(self.abstract_params), self.param_shardings)
+        return checkpoints.restore_params(checkpoints.checkpoints_dir(self.workdir), target, step=step,
+                                          what=f"run {self.workdir}")
+
+    # ---------------------------------------------------------------- files
+
+    def save_files(self, workdir: str) -> None:
+        """The resolved config and the tokenizer, so a workdir is all `dreamjax generate` needs."""
+        if jax.process_index() != 0:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        with open(checkpoints.config_path(workdir), "w") as f:
+            f.write(self.config.to_json_best_effort(indent=2))
+        self.tokenizer.save_pretrained(checkpoints.tokenizer_dir(workdir))
+
+
+def mesh_from_config(config: ConfigDict, overrides: dict[str, int] | None = None) -> tuple[Mesh, Rules]:
+    sizes = {k: int(config.mesh[k]) for k in MESH_AXES}
+    sizes.update(overrides or {})
+    return make_mesh(sizes, config.mesh.get("dcn")), rules_from_config(config.mesh.get("rules"))
+
+
+def new_run(config: ConfigDict, *, mesh_overrides: dict[str, int] | None = None) -> Run:
+    """A run from an experiment config: the model sections resolved against `config.init`'s weights."""
+    config = resolve_config(config)
+    tokenizer = build_tokenizer(config)
+    model, schedule = build_model(config, tokenizer)
+    mesh, rules = mesh_from_config(config, mesh_overrides)
+    return Run(config, tokenizer, SpecialIds.from_tokenizer(tokenizer), model, schedule, mesh, rules)
+
+
+def load_run(workdir: str, *, step: int | None = None, mesh_overrides: dict[str, int] | None = None,
+             with_params: bool = True) -> Run:
+    """A trained run from its workdir: resolved config, tokenizer, model, and (by default) the params of the
+    newest checkpoint that reads back, restored sharded onto the run's mesh (its `config.mesh`, with
+    `mesh_overrides`), so a model too big for one device still loads."""
+    workdir = os.path.abspath(workdir)
+    checkpoints.require(workdir, "checkpoint directory")
+    config = read_workdir_config(workdir)
+    tokenizer = load_tokenizer(checkpoints.require(checkpoints.tokenizer_dir(workdir), "tokenizer"))
+    model, schedule = build_model(config, tokenizer)
+    mesh, rules = mesh_from_config(config, mesh_overrides)
+    run = Run(config, tokenizer, SpecialIds.from_tokenizer(tokenizer), model, schedule, mesh, rules, workdir)
+    if with_params:
+        run.params, run.step = run.restore_params(step)
+    return run
