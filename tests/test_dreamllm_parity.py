@@ -30,8 +30,9 @@ from dreamjax.convert import core
 from dreamjax.convert.core import ConversionError
 from dreamjax.convert.dreamllm import DREAM_QUERIES, dreamllm_from_torch, dreamllm_rules, dreamllm_to_torch
 from dreamjax.data import images as imgs
+from dreamjax.data.collate import collate
 from dreamjax.data.synthetic import ShapesWorld
-from dreamjax.data.tokenize import LayoutConfig, collate, tokenize
+from dreamjax.data.tokenize import LayoutConfig, tokenize
 from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer
 from dreamjax.diffusion.schedule import SD21_BASE, Schedule
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config

@@ -1,5 +1,6 @@
 """LLaMA parity against transformers `LlamaForCausalLM` (tiny random models, fp32, eager attention)."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -19,12 +20,15 @@ VOCAB = 128
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
 
+LINEAR = {"rope_type": "linear", "factor": 2.0}
+
 # name: (num_kv_heads, rope_theta, rope scaling or None, tied)
 CASES = {
     "mha": (4, 10000.0, None, False),
     "gqa_tied": (2, 10000.0, None, True),
     "mqa_theta": (1, 500000.0, None, False),
     "llama3_gqa_tied": (2, 500000.0, LLAMA3, True),
+    "linear_mha": (4, 10000.0, LINEAR, False),
 }
 
 
@@ -99,6 +103,20 @@ def test_config_from_hf_and_back():
     assert again.rope_parameters == hf_cfg.rope_parameters
     assert LlamaConfig.from_hf(again) == cfg
     hash(cfg)  # usable as a static jit argument
+
+
+def test_linear_rope_scaling_reads_both_config_layouts():
+    cfg = LlamaConfig.from_hf(hf_model("linear_mha").config)
+    assert cfg.rope_scaling == LINEAR
+    legacy = {**cfg.to_hf_dict(), "rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert LlamaConfig.from_hf(legacy) == cfg
+    # the scaling changes the logits (so the parity test below could fail)
+    tokens = tokens_for(1, 12)
+    positions = np.broadcast_to(np.arange(12), tokens.shape)
+    _, params = jax_model("linear_mha")
+    unscaled = dataclasses.replace(cfg, rope_scaling=None)
+    assert np.abs(_forward(cfg, params, tokens, positions, None)
+                  - _forward(unscaled, params, tokens, positions, None)).max() > 1e-3
 
 
 def test_initializer_range_sets_every_kernel_and_embedding():

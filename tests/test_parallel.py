@@ -210,3 +210,40 @@ def test_logical_sharding_multi_axis_rule_replicates_unless_the_product_divides(
     assert sh["ok"].spec[0] == ("data", "fsdp")
     # 6 is divisible by data=2 but not by data*fsdp=4: the whole dimension is replicated
     assert sh["bad"].spec[0] is None
+
+
+def test_a_dimension_that_does_not_divide_moves_its_axes_or_is_replicated_and_says_so(caplog):
+    caplog.set_level("INFO", logger="dreamjax.parallel.sharding")
+    mesh = make_mesh((1, 8, 1))
+    tree = {"conv_out": _boxed((3, 3, 320, 4), ("conv_height", "conv_width", "conv_in", "conv_out")),
+            "tiny": _boxed((3,), ("norm",))}
+    for _ in range(3):  # called several times a run: each fix is reported once
+        sh = logical_sharding(tree, mesh, DEFAULT_RULES)
+    assert tuple(sh["conv_out"].spec) == (None, None, "fsdp", None)  # the 320 input channels take fsdp
+    assert tuple(sh["tiny"].spec) == (None,)
+    moved = [r.getMessage() for r in caplog.records if "conv_out" in r.getMessage()]
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sharding tiny")]
+    assert len(moved) == 1 and "dim 3 (conv_out) of shape (3, 3, 320, 4) is not divisible by mesh axes fsdp (size 8)" \
+        in moved[0] and "sharding dim 2 (320) over fsdp instead" in moved[0]
+    assert len(kept) == 1 and "replicated over fsdp" in kept[0]
+
+
+def test_default_rules_name_every_axis_the_models_use():
+    from configs import models
+    from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params
+
+    toks = SpecialTokenIds(bos=1, im_start=3, im_patch=4, dream_start=5, dream_end=6)
+    unet = {**models.sd21_base_unet(), "block_out_channels": [32, 64, 64, 64], "attention_head_dim": [2, 2, 2, 2],
+            "norm_num_groups": 8, "cross_attention_dim": 16, "layers_per_block": 1}
+    vae = {**models.sd21_base_vae(), "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4, "layers_per_block": 1}
+    cfg = build_config(dict(llm=dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2),
+                            vision=dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28,
+                                        patch_size=14), unet=unet, vae=vae, num_dream_queries=4),
+                       vocab_size=32, tokens=toks)
+    abstract = jax.eval_shape(lambda k: init_params(DreamLLM(cfg), k), jax.random.key(0))
+    used = set()
+    for spec in jax.tree.leaves(nn.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec)):
+        used.update(a for a in spec if a is not None)
+    assert {"vision_embed", "queries", "cross_embed", "embed", "conv_out", "norm"} <= used
+    named = {name for name, _ in DEFAULT_RULES}
+    assert used <= named, f"logical axes without a rule: {sorted(used - named)}"

@@ -9,6 +9,7 @@ import io
 import numpy as np
 import pytest
 
+from dreamjax.data.collate import collate, fit_sample
 from dreamjax.data.documents import Conversation, ImageTextPair, InstructInterleavedDoc, InterleavedDoc
 from dreamjax.data.tokenize import (
     IGNORE_INDEX,
@@ -16,9 +17,7 @@ from dreamjax.data.tokenize import (
     Reason,
     Skips,
     TokenizedSample,
-    collate,
     conversation_labels,
-    fit_sample,
     tokenize,
     tokenize_conversation,
     tokenize_instruct_interleaved,

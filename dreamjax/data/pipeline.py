@@ -17,7 +17,8 @@ import grain
 import numpy as np
 
 from dreamjax.data import images as imgs
-from dreamjax.data.tokenize import LayoutConfig, Skips, TokenizedSample, collate, tokenize
+from dreamjax.data.collate import collate
+from dreamjax.data.tokenize import LayoutConfig, Skips, TokenizedSample, tokenize
 from dreamjax.data.tokenizer import SpecialIds
 
 SKIPS_KEY = "skips"  # batch entry: {reason: count} for the records of this batch

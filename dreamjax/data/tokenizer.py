@@ -17,6 +17,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dreamjax.data.chat import VICUNA_V1_1
+
 # --- special token strings (omni/models/dreamllm/tokenization_dreamllm.py) ---------------------------------
 PAD_TOKEN = "[PAD]"
 IMAGE_TOKEN = "<image>"  # placeholder in conversation text, expanded to an IMG block
@@ -201,8 +203,6 @@ def build_word_tokenizer(
         add(piece)
     all_words = [w for text in words for w in split_words(text)]
     if include_template_words:
-        from dreamjax.data.tokenize import VICUNA_V1_1  # local import: tokenize.py imports this module
-
         all_words += split_words(" ".join((VICUNA_V1_1.system_message, *VICUNA_V1_1.roles)))
     for w in all_words:
         add(WORD_SPACE + w)
