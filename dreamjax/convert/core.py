@@ -152,6 +152,37 @@ def to_torch(x: Any):
 # ----------------------------------------------------------------------------- mapping
 
 
+def plan_keys(keys: Iterable[str], rules: Sequence[Rule], *, ignore: Sequence[str] = (),
+              what: str = "state dict") -> dict[str, dict]:
+    """Which torch keys make which Flax parameter, from the names alone (nothing is read):
+    {flax path: {"kind": rule kind, "single": key}} or {..., "stack": {layer index: key}} for a parameter
+    that stacks a placeholder (scanned layers). A key no rule maps and no `ignore` regex drops raises."""
+    compiled = [(r, _template_regex(r.torch, ".")) for r in rules]
+    ignore_re = [re.compile(p) for p in ignore]
+    plan: dict[str, dict] = {}
+    unexpected = []
+    for key in keys:
+        for rule, rx in compiled:
+            m = rx.match(key)
+            if m is None:
+                continue
+            groups = {k: int(v) for k, v in m.groupdict().items()}
+            sv = rule.stacked_var
+            path = rule.flax.format(**{k: v for k, v in groups.items() if k != sv})
+            entry = plan.setdefault(path, {"kind": rule.kind})
+            if sv is None:
+                entry["single"] = key
+            else:
+                entry.setdefault("stack", {})[groups[sv]] = key
+            break
+        else:
+            if not any(p.search(key) for p in ignore_re):
+                unexpected.append(key)
+    if unexpected:
+        raise ConversionError(f"{what}: unexpected keys (no rule maps them): {_fmt_keys(unexpected)}")
+    return plan
+
+
 def torch_to_flax(
     state_dict: Mapping[str, Any],
     rules: Sequence[Rule],
@@ -166,39 +197,17 @@ def torch_to_flax(
     expected: a Flax tree (arrays or ShapeDtypeStructs) to check completeness and shapes against.
     Raises ConversionError naming every unexpected, missing or misshapen key.
     """
-    compiled = [(r, _template_regex(r.torch, ".")) for r in rules]
-    ignore_re = [re.compile(p) for p in ignore]
-    singles: dict[str, np.ndarray] = {}
-    stacks: dict[str, dict[int, np.ndarray]] = {}
-    stack_kind: dict[str, str] = {}
-    unexpected = []
-    for key, value in state_dict.items():
-        for rule, rx in compiled:
-            m = rx.match(key)
-            if m is None:
-                continue
-            groups = {k: int(v) for k, v in m.groupdict().items()}
-            sv = rule.stacked_var
-            path = rule.flax.format(**{k: v for k, v in groups.items() if k != sv})
-            arr = _to_flax_layout(to_numpy(value), rule.kind)
-            if sv is None:
-                singles[path] = arr
-            else:
-                stacks.setdefault(path, {})[groups[sv]] = arr
-                stack_kind[path] = rule.kind
-            break
-        else:
-            if not any(p.search(key) for p in ignore_re):
-                unexpected.append(key)
-    if unexpected:
-        raise ConversionError(f"{what}: unexpected keys (no rule maps them): {_fmt_keys(unexpected)}")
-    flat = dict(singles)
-    for path, by_index in stacks.items():
-        idx = sorted(by_index)
+    flat = {}
+    for path, entry in plan_keys(state_dict.keys(), rules, ignore=ignore, what=what).items():
+        kind = entry["kind"]
+        if "single" in entry:
+            flat[path] = _to_flax_layout(to_numpy(state_dict[entry["single"]]), kind)
+            continue
+        idx = sorted(entry["stack"])
         if idx != list(range(len(idx))):
             missing = sorted(set(range(max(idx) + 1)) - set(idx))
             raise ConversionError(f"{what}: stacked parameter {path!r} is missing layer indices {missing}")
-        flat[path] = np.stack([by_index[i] for i in idx])
+        flat[path] = np.stack([_to_flax_layout(to_numpy(state_dict[entry["stack"][i]]), kind) for i in idx])
     if expected is not None:
         _check_against(flat, expected, rules, what)
     return unflatten(flat)

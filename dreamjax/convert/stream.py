@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,10 +21,10 @@ from dreamjax.convert.core import (
     ConversionError,
     Rule,
     _fmt_keys,
-    _template_regex,
     _to_flax_layout,
     _torch_name_for,
     flatten,
+    plan_keys,
     to_numpy,
     unflatten,
 )
@@ -183,29 +182,7 @@ def stream_to_flax(
     (token embeddings before the new special tokens); `place` then fills the rest.
     Raises ConversionError naming every unexpected, missing or misshapen key before reading any tensor.
     """
-    compiled = [(r, _template_regex(r.torch, ".")) for r in rules]
-    ignore_re = [re.compile(p) for p in ignore]
-    plan: dict[str, dict] = {}  # flax path -> {"kind", "single": key} or {"kind", "stack": {i: key}}
-    unexpected = []
-    for key in files.keys():
-        for rule, rx in compiled:
-            m = rx.match(key)
-            if m is None:
-                continue
-            groups = {k: int(v) for k, v in m.groupdict().items()}
-            sv = rule.stacked_var
-            path = rule.flax.format(**{k: v for k, v in groups.items() if k != sv})
-            entry = plan.setdefault(path, {"kind": rule.kind})
-            if sv is None:
-                entry["single"] = key
-            else:
-                entry.setdefault("stack", {})[groups[sv]] = key
-            break
-        else:
-            if not any(p.search(key) for p in ignore_re):
-                unexpected.append(key)
-    if unexpected:
-        raise ConversionError(f"{what}: unexpected keys (no rule maps them): {_fmt_keys(unexpected)}")
+    plan = plan_keys(files.keys(), rules, ignore=ignore, what=what)
 
     exp = flatten(expected)
     missing = sorted(set(exp) - set(plan))
