@@ -38,3 +38,11 @@ def sd21_base_vae() -> dict:
         "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
         "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4,
     }
+
+
+def llama31_8b() -> dict:
+    """Llama-3.1-8B: GQA (8 KV heads), RoPE theta 5e5 with llama3 scaling; vocabulary 128256 from its tokenizer."""
+    return dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192})
