@@ -233,8 +233,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"quick: {QUICK_REPS})")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds of timed repetitions per model and mode (default %(default)s)")
-    ap.add_argument("--torch-compile", action="store_true",
-                    help="also time torch.compile (inductor; slow to compile, skipped if it fails)")
+    ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time torch.compile (inductor; slow to compile, skipped if it fails; on by default, "
+                         "--no-torch-compile skips it)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     names = list(models.BUILDERS) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), {cores} cores, "
           f"{platform.processor() or platform.machine()}; sizes={size}", flush=True)
 
+    load_before = os.getloadavg()[0]
+    print(f"load average (1 min) before: {load_before:.2f}", flush=True)
     t_start = time.perf_counter()
     rows, notes = [], []
     for name in args.names:
@@ -278,6 +281,13 @@ def main(argv=None) -> int:
             notes.append(f"  {r['name']}: torch.compile first call (compile) {r['torch_compile_s']:.1f}s")
     print("\n".join(notes))
     print(f"total {time.perf_counter() - t_start:.0f}s")
+    load_after = os.getloadavg()[0]
+    print(f"load average (1 min) before: {load_before:.2f}, after: {load_after:.2f}")
+    # This process keeps about one core's worth of load itself; more than that means something else ran.
+    if max(load_before, load_after - 1.0) > 0.5 or abs(load_after - load_before) > 1.5:
+        print(f"WARNING: the machine was not quiet (load {load_before:.2f} -> {load_after:.2f} on {cores} cores): "
+              "PyTorch's threads suffer more from load than XLA's, so these ratios flatter JAX; rerun on a quiet "
+              "machine before quoting them")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
