@@ -16,7 +16,8 @@ def test_run_all_quick_tiny_llama():
     env.pop("XLA_FLAGS", None)  # conftest forces 8 host devices; the benchmark wants the plain CPU backend
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--tiny", "--only", "llama", "--no-torch-compile"],
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--tiny", "--only", "llama",
+         "--no-torch-compile"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
