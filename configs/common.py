@@ -58,7 +58,10 @@ def base_config() -> ConfigDict:
         condition_dropout=0.0, noise_draws=1, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
     ))
 
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn=None, rules=None))
+    # Mesh axis sizes (None: the preset's, else data=1, fsdp=-1 (the rest), tensor=1); `preset` names a TPU slice
+    # or GPU node (dreamjax/parallel/presets.py: "v5p-128", "v5e-256", "2xv5p-128", "h100x8"); `rules` is None
+    # (FSDP + tensor parallel), a rule-set name ("fsdp", "fsdp_tp", "dcn_fsdp") or a list of [name, axes].
+    c.mesh = ConfigDict(dict(preset=None, data=None, fsdp=None, tensor=None, dcn=None, rules=None))
     # How the run generates images (dreamjax generate and the evaluations use the same settings).
     c.sample = ConfigDict(dict(steps=150, guidance=2.0, sampler="ddpm", negative_prompt=""))
     return c

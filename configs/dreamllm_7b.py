@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.precision = "bf16"  # fp32 master weights; "pure_bf16" is upstream's (no master copy)
     c.train.checkpoint_every = 500
     c.train.log_every = 10
-    c.mesh.update(data=1, fsdp=-1, tensor=1)  # ZeRO-3 over every chip; upstream: FSDP shard_grad_op
+    # ZeRO-3 over every chip (upstream: FSDP shard_grad_op); pick a slice with --config.mesh.preset=v5p-128
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.sample.update(steps=150, guidance=2.0, sampler="ddpm")  # the COCO protocol
     return c

@@ -247,3 +247,35 @@ def test_default_rules_name_every_axis_the_models_use():
     assert {"vision_embed", "queries", "cross_embed", "embed", "conv_out", "norm"} <= used
     named = {name for name, _ in DEFAULT_RULES}
     assert used <= named, f"logical axes without a rule: {sorted(used - named)}"
+
+
+def test_mesh_presets_and_rule_sets():
+    from ml_collections import ConfigDict
+
+    from dreamjax.parallel import presets
+    from dreamjax.parallel.sharding import FSDP_RULES, RULE_SETS
+    from dreamjax.run.assembly import mesh_from_config
+
+    assert (presets.preset("v5p-128").chips, presets.preset("v4-256").chips) == (64, 128)  # TensorCores / 2
+    assert (presets.preset("v5e-256").chips, presets.preset("v6e-64").chips) == (256, 64)  # chips
+    two = presets.preset("2xv5p-128")
+    assert (two.chips, two.dcn, two.rules) == (128, {"data": 2, "fsdp": 1, "tensor": 1}, "dcn_fsdp")
+    with pytest.raises(ValueError, match="unknown mesh preset 'v5p-100'"):
+        presets.preset("v5p-100")
+
+    def mesh(**kw):
+        c = ConfigDict(dict(mesh=dict(preset=None, data=None, fsdp=None, tensor=None, dcn=None, rules=None)))
+        c.mesh.update(kw)
+        return mesh_from_config(c)
+
+    m, rules = mesh(preset="h100x8")  # the 8 host devices stand in for a GPU node
+    assert dict(m.shape) == {"data": 1, "fsdp": 8, "tensor": 1} and rules == FSDP_RULES
+    m, _ = mesh(preset="h100x8", tensor=2)  # an axis the config sets overrides the preset; fsdp is the rest
+    assert dict(m.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    m, rules = mesh()
+    assert dict(m.shape) == {"data": 1, "fsdp": 8, "tensor": 1} and rules == DEFAULT_RULES
+    assert dict(FSDP_RULES)["heads"] is None and dict(RULE_SETS["fsdp_tp"])["heads"] == "tensor"
+    with pytest.raises(ValueError, match="config.mesh.preset 'v5p-128' is 64 devices, but this job has 8"):
+        mesh(preset="v5p-128")
+    with pytest.raises(ValueError, match="unknown rule set 'nope'"):
+        mesh(rules="nope")

@@ -53,10 +53,30 @@ DEFAULT_RULES: Rules = (
 )
 
 
+# Pure FSDP: every parameter sharded over 'fsdp' only (heads / MLP / vocab not split): the layout that suits a
+# 7B model on one TPU slice, and the one the mesh presets pick.
+FSDP_RULES: Rules = tuple((name, None if axes == "tensor" else axes) for name, axes in DEFAULT_RULES)
+
+RULE_SETS: dict[str, Rules] = {
+    "fsdp_tp": DEFAULT_RULES,  # FSDP over 'fsdp' + tensor parallelism over 'tensor' (Megatron-style splits)
+    "fsdp": FSDP_RULES,
+    # Multi-slice: parameters sharded over 'fsdp' inside a slice (fast ICI) and replicated across slices, the
+    # batch split over 'data' (the DCN axis of a hybrid mesh) and 'fsdp': the same table as "fsdp", named for
+    # what the 'data' axis means there.
+    "dcn_fsdp": FSDP_RULES,
+}
+
+
 def rules_from_config(rules: Any | None) -> tuple[tuple[str, Any], ...]:
-    """Config rules are a list of [name, axis-or-list-or-None]; None means the defaults."""
+    """Config rules: None (the defaults), the name of a rule set (`RULE_SETS`), or a list of
+    [name, axis-or-list-or-None]."""
     if rules is None:
         return tuple(DEFAULT_RULES)
+    if isinstance(rules, str):
+        if rules not in RULE_SETS:
+            raise ValueError(f"config.mesh.rules: unknown rule set {rules!r}; choose one of {sorted(RULE_SETS)} "
+                             f"or give a list of [logical name, mesh axes]")
+        return tuple(RULE_SETS[rules])
     out = []
     for entry in rules:
         name, axes = entry

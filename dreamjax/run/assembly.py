@@ -24,6 +24,7 @@ from dreamjax.data.tokenize import LayoutConfig
 from dreamjax.data.tokenizer import SpecialIds, load_tokenizer
 from dreamjax.diffusion.schedule import Schedule
 from dreamjax.models.dreamllm import DreamLLM, DreamLLMConfig, init_params
+from dreamjax.parallel import presets
 from dreamjax.parallel.mesh import MESH_AXES, make_mesh
 from dreamjax.parallel.sharding import Rules, logical_sharding, rules_from_config
 from dreamjax.run import checkpoints, prompts, weights
@@ -106,10 +107,23 @@ class Run:
         self.tokenizer.save_pretrained(checkpoints.tokenizer_dir(workdir))
 
 
+DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}  # ZeRO-3 over every device
+
+
 def mesh_from_config(config: ConfigDict, overrides: dict[str, int] | None = None) -> tuple[Mesh, Rules]:
-    sizes = {k: int(config.mesh[k]) for k in MESH_AXES}
+    """The mesh and rules of `config.mesh`: a named preset (`preset`, see `parallel/presets.py`) or the
+    defaults, then each axis the config sets (not None), then `overrides` (e.g. `generate --mesh`)."""
+    m = config.mesh
+    base, dcn, rules = dict(DEFAULT_MESH), m.get("dcn"), m.get("rules")
+    if m.get("preset"):
+        p = presets.preset(m.preset)
+        if jax.device_count() != p.chips:
+            raise ValueError(f"config.mesh.preset {p.name!r} is {p.chips} devices, but this job has "
+                             f"{jax.device_count()}")
+        base, dcn, rules = p.ici, dcn if dcn is not None else p.dcn, rules if rules is not None else p.rules
+    sizes = {k: base[k] if m.get(k) is None else int(m[k]) for k in MESH_AXES}
     sizes.update(overrides or {})
-    return make_mesh(sizes, config.mesh.get("dcn")), rules_from_config(config.mesh.get("rules"))
+    return make_mesh(sizes, dcn), rules_from_config(rules)
 
 
 def new_run(config: ConfigDict, *, mesh_overrides: dict[str, int] | None = None) -> Run:
