@@ -113,13 +113,37 @@ def mixture(sources: Mapping[str, Sequence], weights: Mapping[str, float], seed:
     return grain.MapDataset.mix(parts, weights=[float(weights[n]) for n in names])
 
 
+class HostRows(grain.MapDataset):
+    """This host's rows of every global batch: record `b * G + k * per_host + j` of the global stream (global
+    batch `b`, host `k`, row `j`) is this host's record `b * per_host + j`. Hosts read contiguous row blocks,
+    which is the order `jax.make_array_from_process_local_data` puts them in, so any number of processes
+    builds exactly the global batches (rows in the same order) of a single process."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, per_host: int, process_index: int):
+        super().__init__(parent)
+        if global_batch % per_host or not 0 <= process_index < global_batch // per_host:
+            raise ValueError(f"HostRows: process {process_index} with {per_host} of {global_batch} rows per batch")
+        self._global, self._per_host, self._offset = global_batch, per_host, process_index * per_host
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._per_host
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._per_host)
+        return self._parent[batch * self._global + self._offset + row]
+
+
 def make_dataset(sources: Mapping[str, Sequence], weights: Mapping[str, float], tokenizer, cfg: PipelineConfig,
                  *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The full pipeline for this host: an iterable of batches (numpy dicts + `skips`)."""
     specials = SpecialIds.from_tokenizer(tokenizer)
     ds = mixture(sources, weights, cfg.seed)
-    ds = ds[process_index::process_count]  # per-host shard of the global stream
+    # Per-record randomness is drawn from the record's index in the *global* stream, before the host split,
+    # so the batches do not depend on how many hosts read them.
     ds = ds.random_map(PrepareExample(tokenizer, specials, cfg), seed=cfg.seed)
+    ds = HostRows(ds, cfg.per_host_batch * process_count, cfg.per_host_batch, process_index)
     it = ds.to_iter_dataset()
     it = it.batch(cfg.per_host_batch, drop_remainder=True,
                   batch_fn=lambda exs: collate_examples(exs, cfg, specials))
