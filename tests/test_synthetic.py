@@ -22,9 +22,9 @@ from dreamjax.data.synthetic import (
     ShapesWorld,
     caption,
     render,
-    split_words,
     world_from_config,
 )
+from dreamjax.data.tokenizer import split_words
 from dreamjax.eval.color import NO_COLOR, color_accuracy, dominant_color
 
 

@@ -1,5 +1,6 @@
 """The Grain input pipeline: sources -> seeded shuffle -> weighted mixture -> per-host shard ->
-decode + tokenize (spec section 3 layouts) -> static-shape batches (DESIGN section 3).
+decode + tokenize (spec section 3 layouts, `data/tokenize.py`) -> static-shape batches (`data/collate.py`,
+DESIGN section 3).
 
 Deterministic for a given seed and host count, checkpointable (Grain iterator state), and lossless in
 accounting: a record that cannot be used (corrupt image, nothing left after truncation, ...) becomes an

@@ -8,6 +8,7 @@ Pure functions from a record (`data/documents.py`) to a `TokenizedSample`:
     tokenize_conversation          3.3  vicuna_v1.1 prompt, <image> -> IMG, <dream> -> DRM IMG
     tokenize_instruct_interleaved  3.4  vicuna prompt with the instruction, then the document as in 3.2
     tokenize                       dispatch on the record type
+    prompt_ids                     an inference prompt (BOS + text, `<image>` -> IMG; spec 4.1-4.2)
 
 with the blocks (N = `num_image_tokens`, Q = `num_dream_queries`)
 
@@ -531,6 +532,16 @@ def tokenize(
     return layout(record, tokenizer, cfg, rng=rng, skips=skips, specials=specials)
 
 
+def prompt_ids(text: str, tokenizer, cfg: LayoutConfig, specials: SpecialIds | None = None) -> list[int]:
+    """Inference prompt: BOS + tok(text), no EOS, with each `<image>` placeholder expanded to an IMG block
+    (spec 4.1-4.2). The caller supplies one input image per block, in order."""
+    s = _specials(tokenizer, specials)
+    out: list[int] = []
+    for t in _tok(tokenizer, text, s.bos):
+        out += image_block(s, cfg) if t == s.image else [t]
+    return out
+
+
 __all__ = [
     "IGNORE_INDEX",
     "MODES",
@@ -542,19 +553,10 @@ __all__ = [
     "dream_block",
     "image_block",
     "merge_text_list",
+    "prompt_ids",
     "tokenize",
     "tokenize_conversation",
     "tokenize_instruct_interleaved",
     "tokenize_interleaved",
     "tokenize_pair",
 ]
-
-
-def prompt_ids(text: str, tokenizer, cfg: LayoutConfig, specials: SpecialIds | None = None) -> list[int]:
-    """Inference prompt: BOS + tok(text), no EOS, with each `<image>` placeholder expanded to an IMG block
-    (spec 4.1-4.2). The caller supplies one input image per block, in order."""
-    s = _specials(tokenizer, specials)
-    out: list[int] = []
-    for t in _tok(tokenizer, text, s.bos):
-        out += image_block(s, cfg) if t == s.image else [t]
-    return out

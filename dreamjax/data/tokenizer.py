@@ -5,6 +5,9 @@ and DreamLLM adds the pad token `[PAD]` plus seven additional special tokens. Th
 the released checkpoints have `[PAD]`=32000, `<im_start>`=32001, `<dream_end>`=32002, ... (see
 `RELEASED_SPECIAL_TOKEN_ORDER`), while adding them to a fresh Vicuna tokenizer gives insertion order.
 So every id used by dreamjax is read from the tokenizer (`SpecialIds.from_tokenizer`), never hard-coded.
+
+`split_words` is the one word segmentation of the package: the word tokenizer's vocabulary and the shapes
+world's (`data/synthetic.py`) both come from it.
 """
 
 from __future__ import annotations
