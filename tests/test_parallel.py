@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dreamjax.parallel.mesh import MESH_AXES, MeshError, make_mesh, resolve_axis_sizes
 from dreamjax.parallel.sharding import (
     DEFAULT_RULES,
+    FSDP_RULES,
     batch_axes,
     batch_sharding,
     check_batch_divides,
@@ -123,12 +124,28 @@ def test_resolve_axis_sizes_without_devices():
 
 
 def test_default_rules_map_batch_over_data_and_fsdp():
-    rules = dict(DEFAULT_RULES)
-    assert rules["batch"] == ("data", "fsdp")
+    def axes(*names, rules=DEFAULT_RULES):
+        return tuple(nn.logical_to_mesh_axes(names, rules))
+
+    assert axes("batch") == (("data", "fsdp"),)
     assert batch_axes(DEFAULT_RULES) == ("data", "fsdp")
-    assert rules["embed"] == "fsdp"
+    assert axes("embed") == ("fsdp",)
     for name in ("heads", "mlp", "vocab"):
-        assert rules[name] == "tensor", name
+        assert axes("embed", name) == ("fsdp", "tensor"), name
+        assert axes(name, "embed") == ("tensor", "fsdp"), name
+        assert axes(name) == ("tensor",), name
+        # pure FSDP: the kernel's 'embed' takes 'fsdp'; a bias with no 'embed' falls back to 'fsdp'
+        assert axes("embed", name, rules=FSDP_RULES) == ("fsdp", None), name
+        assert axes(name, rules=FSDP_RULES) == ("fsdp",), name
+    # DreamLLM's projectors and queries: the LLM width wins 'fsdp', wherever it is in the weight
+    assert axes("vision_embed", "embed") == (None, "fsdp")
+    assert axes("embed", "cross_embed") == ("fsdp", None)
+    assert axes("queries", "embed") == (None, "fsdp")
+    # conv kernels: output channels; input channels only without an output-channel / embed dimension
+    assert axes("conv_height", "conv_width", "conv_in", "conv_out") == (None, None, None, "fsdp")
+    assert axes("conv_in", "embed") == (None, "fsdp")
+    assert axes("conv_in", "mlp") == ("fsdp", "tensor")
+    assert axes("layers", "embed", "mlp") == (None, "fsdp", "tensor")
     # every rule targets a real mesh axis
     for name, axes in DEFAULT_RULES:
         names = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
@@ -223,37 +240,98 @@ def test_a_dimension_that_does_not_divide_moves_its_axes_or_is_replicated_and_sa
     assert tuple(sh["tiny"].spec) == (None,)
     moved = [r.getMessage() for r in caplog.records if "conv_out" in r.getMessage()]
     kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sharding tiny")]
-    assert len(moved) == 1 and "dim 3 (conv_out) of shape (3, 3, 320, 4) is not divisible by mesh axes fsdp (size 8)" \
-        in moved[0] and "sharding dim 2 (320) over fsdp instead" in moved[0]
-    assert len(kept) == 1 and "replicated over fsdp" in kept[0]
+    assert len(moved) == 1, moved
+    assert moved[0].startswith("sharding conv_out: dim 3 (conv_out) of shape (3, 3, 320, 4) (logical axes "
+                               "('conv_height', 'conv_width', 'conv_in', 'conv_out')) is not divisible by mesh axes "
+                               "fsdp (size 8 of mesh {'data': 1, 'fsdp': 8, 'tensor': 1})"), moved[0]
+    assert moved[0].endswith("; sharding dim 2 (320) over fsdp instead"), moved[0]
+    assert len(kept) == 1 and "(logical axes ('norm',))" in kept[0] and kept[0].endswith("replicated over fsdp")
+    assert all(r.levelname == "INFO" for r in caplog.records)
+
+
+def test_the_replication_log_names_nested_parameter_paths_once_per_path_and_reason(caplog):
+    caplog.set_level("INFO", logger="dreamjax.parallel.sharding")
+    tree = {"blocks": [{"bias": _boxed((3,), ("mlp",))}, {"bias": _boxed((3,), ("mlp",))}]}
+    for mesh in (make_mesh((1, 8, 1)), make_mesh((1, 8, 1)), make_mesh((1, 4, 2))):
+        logical_sharding(tree, mesh, DEFAULT_RULES)
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sharding blocks/")]
+    # two paths x two reasons (fsdp size 8 on the (1, 8, 1) mesh; tensor size 2 on the (1, 4, 2) mesh)
+    assert sorted(m.split(":")[0] for m in messages) == ["sharding blocks/0/bias"] * 2 + ["sharding blocks/1/bias"] * 2
+    assert sum("mesh axes fsdp (size 8" in m for m in messages) == 2
+    assert sum("mesh axes tensor (size 2" in m for m in messages) == 2
+
+
+def test_rules_to_size_one_mesh_axes_give_way_to_the_next_rule():
+    tree = {"bias": _boxed((16,), ("mlp",)), "kernel": _boxed((8, 16), ("embed", "mlp")),
+            "stacked_bias": _boxed((24, 16), ("layers", "heads"))}
+    sh = logical_sharding(tree, make_mesh((1, 8, 1)), DEFAULT_RULES)  # no tensor parallelism: 'mlp' -> 'fsdp'
+    assert {k: tuple(v.spec) for k, v in sh.items()} == {
+        # the kernel's spec is the table's either way (the size-1 'tensor' splits nothing), so it stays as written
+        "bias": ("fsdp",), "kernel": ("fsdp", "tensor"), "stacked_bias": (None, "fsdp")}
+    assert not any(v.is_fully_replicated for v in sh.values())
+    sh = logical_sharding(tree, make_mesh((1, 4, 2)), DEFAULT_RULES)  # with it, as the table says
+    assert {k: tuple(v.spec) for k, v in sh.items()} == {
+        "bias": ("tensor",), "kernel": ("fsdp", "tensor"), "stacked_bias": (None, "tensor")}
+    sh = logical_sharding(tree, make_mesh((8, 1, 1)), DEFAULT_RULES)  # pure data parallelism: all replicated
+    assert all(v.is_fully_replicated for v in sh.values())
+    # where skipping size-1 axes splits nothing differently, a spec reads as the table writes it on every mesh
+    emb = {"embedding": _boxed((32, 16), ("vocab", "embed"))}
+    for shape in ((8, 1, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2)):
+        assert tuple(logical_sharding(emb, make_mesh(shape), DEFAULT_RULES)["embedding"].spec) == ("tensor", "fsdp")
 
 
 def test_default_rules_name_every_axis_the_models_use():
+    """Every logical axis name in the parameters of every model (DreamLLM with all its towers, and the towers on
+    their own in the variants that change the parameter tree: GQA, tied embeddings, unscanned layers, SD 1.x conv
+    projections) has a rule."""
     from configs import models
-    from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params
+    from dreamjax.models import clip_vision, dreamllm, llama, unet, vae
 
-    toks = SpecialTokenIds(bos=1, im_start=3, im_patch=4, dream_start=5, dream_end=6)
-    unet = {**models.sd21_base_unet(), "block_out_channels": [32, 64, 64, 64], "attention_head_dim": [2, 2, 2, 2],
-            "norm_num_groups": 8, "cross_attention_dim": 16, "layers_per_block": 1}
-    vae = {**models.sd21_base_vae(), "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4, "layers_per_block": 1}
-    cfg = build_config(dict(llm=dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2),
-                            vision=dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28,
-                                        patch_size=14), unet=unet, vae=vae, num_dream_queries=4),
-                       vocab_size=32, tokens=toks)
-    abstract = jax.eval_shape(lambda k: init_params(DreamLLM(cfg), k), jax.random.key(0))
-    used = set()
-    for spec in jax.tree.leaves(nn.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec)):
-        used.update(a for a in spec if a is not None)
-    assert {"vision_embed", "queries", "cross_embed", "embed", "conv_out", "norm"} <= used
+    toks = dreamllm.SpecialTokenIds(bos=1, im_start=3, im_patch=4, dream_start=5, dream_end=6)
+    unet_cfg = {**models.sd21_base_unet(), "block_out_channels": [32, 64, 64, 64],
+                "attention_head_dim": [2, 2, 2, 2], "norm_num_groups": 8, "cross_attention_dim": 16,
+                "layers_per_block": 1}
+    vae_cfg = {**models.sd21_base_vae(), "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4,
+               "layers_per_block": 1}
+    llm = dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=28, patch_size=14)
+    cfg = dreamllm.build_config(dict(llm=llm, vision=vision, unet=unet_cfg, vae=vae_cfg, num_dream_queries=4),
+                                vocab_size=32, tokens=toks)
+    key = jax.random.key(0)
+    trees = {
+        "dreamllm": jax.eval_shape(lambda k: dreamllm.init_params(dreamllm.DreamLLM(cfg), k), key),
+        "llama_gqa_tied_unscanned": jax.eval_shape(lambda k: llama.init_params(
+            llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                              num_kv_heads=2, tie_word_embeddings=True, scan_layers=False), k), key),
+        "clip_unscanned": jax.eval_shape(lambda k: clip_vision.init_params(
+            clip_vision.ClipVisionConfig(**vision, scan_layers=False), k), key),
+    }
+    sd1 = unet.UNetConfig.from_diffusers({**unet_cfg, "use_linear_projection": False})
+    trees["unet_sd1_conv_proj"] = jax.eval_shape(
+        lambda: unet.UNet2DCondition(sd1).init(jax.random.PRNGKey(0), *unet.init_inputs(sd1)))
+    vae_c = vae.VAEConfig.from_diffusers(vae_cfg)
+    trees["vae"] = jax.eval_shape(lambda: vae.AutoencoderKL(vae_c).init(jax.random.PRNGKey(0), vae.init_inputs(vae_c)))
+
+    used: dict[str, set[str]] = {}
+    for model, tree in trees.items():
+        specs = jax.tree.leaves(nn.get_partition_spec(tree), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        assert specs, model
+        for spec in specs:
+            for a in spec:
+                if a is not None:
+                    used.setdefault(a, set()).add(model)
+    assert {"vision_embed", "queries", "cross_embed", "embed", "kv_heads", "layers", "conv_in", "conv_out",
+            "norm"} <= set(used)
     named = {name for name, _ in DEFAULT_RULES}
-    assert used <= named, f"logical axes without a rule: {sorted(used - named)}"
+    missing = {a: sorted(m) for a, m in used.items() if a not in named}
+    assert not missing, f"logical axes without a rule (and the models using them): {missing}"
 
 
 def test_mesh_presets_and_rule_sets():
     from ml_collections import ConfigDict
 
     from dreamjax.parallel import presets
-    from dreamjax.parallel.sharding import FSDP_RULES, RULE_SETS
+    from dreamjax.parallel.sharding import RULE_SETS
     from dreamjax.run.assembly import mesh_from_config
 
     assert (presets.preset("v5p-128").chips, presets.preset("v4-256").chips) == (64, 128)  # TensorCores / 2
@@ -274,7 +352,9 @@ def test_mesh_presets_and_rule_sets():
     assert dict(m.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     m, rules = mesh()
     assert dict(m.shape) == {"data": 1, "fsdp": 8, "tensor": 1} and rules == DEFAULT_RULES
-    assert dict(FSDP_RULES)["heads"] is None and dict(RULE_SETS["fsdp_tp"])["heads"] == "tensor"
+    assert nn.logical_to_mesh_axes(("heads",), RULE_SETS["fsdp_tp"]) == PartitionSpec("tensor")
+    assert nn.logical_to_mesh_axes(("embed", "heads"), FSDP_RULES) == PartitionSpec("fsdp", None)
+    assert "tensor" not in {axes for _, axes in FSDP_RULES}
     with pytest.raises(ValueError, match="config.mesh.preset 'v5p-128' is 64 devices, but this job has 8"):
         mesh(preset="v5p-128")
     with pytest.raises(ValueError, match="unknown rule set 'nope'"):
