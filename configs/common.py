@@ -40,7 +40,7 @@ def base_config() -> ConfigDict:
         stable_diffusion=None,  # a diffusers Stable Diffusion directory: unet/, vae/, scheduler/
         dream=None,  # a dreamjax workdir: dream queries + visual and condition projectors (stage 2 from 1)
         checkpoint=None,  # a dreamjax workdir: every part (stage 3 from stage 2)
-        dreamllm=None,  # the released DreamLLM layout (not supported yet)
+        dreamllm=None,  # the released DreamLLM layout (spec 5): every part; excludes the other entries
     ))
 
     c.data = ConfigDict(dict(
@@ -63,5 +63,8 @@ def base_config() -> ConfigDict:
     # (FSDP + tensor parallel), a rule-set name ("fsdp", "fsdp_tp", "dcn_fsdp") or a list of [name, axes].
     c.mesh = ConfigDict(dict(preset=None, data=None, fsdp=None, tensor=None, dcn=None, rules=None))
     # How the run generates images (dreamjax generate and the evaluations use the same settings).
-    c.sample = ConfigDict(dict(steps=150, guidance=2.0, sampler="ddpm", negative_prompt=""))
+    # How `dreamjax generate` and the evaluations sample: images (spec 4.1, COCO: 150 steps, CFG 2.0, best of 8
+    # by CLIP when `rerank` names a local CLIPModel directory) and text (greedy by default).
+    c.sample = ConfigDict(dict(steps=150, guidance=2.0, sampler="ddpm", negative_prompt="", num_images=1,
+                               rerank=None, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=64))
     return c

@@ -1,4 +1,4 @@
-"""`dreamjax` command line: train, generate, demo.
+"""`dreamjax` command line: train, generate, demo, prepare, import, export.
 
 A user error (bad path, bad config value, bad mesh) exits non-zero with one clear line, not a traceback;
 `DREAMJAX_DEBUG=1` shows the traceback.
@@ -83,20 +83,36 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
 
 def _init_distributed(args) -> None:
     """Multi-host: JAX's own multi-controller runtime, configured from flags or the environment
-    (TPU pods and SLURM are auto-detected by `jax.distributed.initialize()`)."""
+    (TPU pods and SLURM are auto-detected by `jax.distributed.initialize()`).
+
+    Runs before anything touches a JAX backend (`initialize` refuses afterwards). Processes on CPU need a
+    cross-process collectives implementation for their all-reduces, else the CPU client has none: gloo over
+    TCP, through the coordinator. That is JAX 0.10's default; it is set here only where it was unset
+    (`JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi` still wins). It only affects the CPU client."""
     import jax
 
-    if args.coordinator or args.num_processes:
+    flags = args.coordinator is not None or args.num_processes is not None or args.process_id is not None
+    if not flags and os.environ.get("DREAMJAX_DISTRIBUTED") != "1":
+        return
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if flags:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
-    elif os.environ.get("DREAMJAX_DISTRIBUTED") == "1":
+    else:
         jax.distributed.initialize()
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
 
 
 def cmd_train(args, extra) -> int:
+    _init_distributed(args)  # before the training modules are imported: nothing may start a backend first
     from dreamjax.train.loop import train
 
-    _init_distributed(args)
     config = load_config(args.config, extra)
     metrics = train(config, args.workdir, progress=not args.no_progress)
     log.info("done: %s", {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
@@ -104,39 +120,40 @@ def cmd_train(args, extra) -> int:
 
 
 def cmd_generate(args, extra) -> int:
-    import numpy as np
-
-    from dreamjax.data import images as imgs
-    from dreamjax.infer.decode import generate_text
-    from dreamjax.infer.text_to_image import text_to_image
+    from dreamjax.infer import modes
     from dreamjax.run.assembly import load_run
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    if args.prompt is None and args.mode != "chat":
+        raise ValueError(f"--prompt is required in --mode {args.mode}")
     run = load_run(args.checkpoint, mesh_overrides=parse_mesh(args.mesh))
+    run.check_generation(args.mode, bool(args.image))  # a checkpoint with some parts (an imported LLM)
     os.makedirs(args.out, exist_ok=True)
-    side = run.model_config.vision.image_size
-    pixels = None
-    if args.image:
-        pixels = np.stack([imgs.clip_preprocess(imgs.decode_image(p, name=p), side) for p in args.image])
-    if args.mode == "image":
-        settings = run.sample_settings(steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                                       negative_prompt=args.negative_prompt)
-        out = text_to_image(run, [args.prompt] * args.num_images, settings, seed=args.seed, images_in=pixels)
-        for i, x in enumerate(out):
-            print(imgs.save_png(imgs.to_uint8(x), os.path.join(args.out, f"image_{args.seed}_{i}.png")))
-        return 0
-    # text mode: the conversation template, as the model was trained on conversations
-    ids = run.text_prompt(args.prompt, num_images=0 if pixels is None else len(pixels))
-    mask = None if pixels is None else np.ones((1, len(pixels)), bool)
-    out = generate_text(run.model, run.params, [ids], images_in=None if pixels is None else pixels[None],
-                        images_in_mask=mask, max_new_tokens=args.max_new_tokens, stop_ids=[run.specials.eos],
-                        temperature=args.temperature, seed=args.seed)[0]
-    answer = run.tokenizer.decode(out, skip_special_tokens=True).strip()
-    with open(os.path.join(args.out, "answer.txt"), "w") as f:
-        f.write(answer + "\n")
-    print(answer)
+    # every default is the run's own (config.sample), as the demo evaluation uses
+    settings = run.sample_settings(
+        steps=args.steps, guidance=args.guidance, sampler=args.sampler, negative_prompt=args.negative_prompt,
+        num_images=args.num_images, rerank=args.rerank, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    pixels = modes.load_images(run, args.image)
+    if args.mode == "text":
+        modes.text(run, args.prompt, settings, args.out, pixels=pixels, seed=args.seed)
+    elif args.mode == "image":
+        modes.image(run, args.prompt, settings, args.out, pixels=pixels, seed=args.seed, progress=not args.no_progress)
+    elif args.mode == "interleaved":
+        modes.interleaved(run, args.prompt, settings, args.out, kind=args.layout, max_images=args.max_images,
+                          pixels=pixels, seed=args.seed)
+    else:
+        modes.chat(run, settings, args.out, first=args.prompt, pixels=pixels, seed=args.seed)
     return 0
+
+
+def cmd_prepare(args, extra) -> int:
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    from dreamjax.data import prepare as prepare_cmd
+
+    return prepare_cmd.main(args)
 
 
 def cmd_demo(args, extra) -> int:
@@ -158,6 +175,72 @@ def cmd_demo(args, extra) -> int:
     print(f"samples written to {out_dir}")
     print(f"color_accuracy={scores['color_accuracy']:.2f}")
     print(f"vqa_accuracy={scores['vqa_accuracy']:.2f}")
+    print(f"story: {os.path.join(out_dir, 'story', 'index.html')} ({scores['story_images']} images, "
+          f"{scores['story_color_matches']} in the colour their text names)")
+    return 0
+
+
+def _base_config(overrides: list[str]) -> ConfigDict:
+    """configs/common.py's `base_config()`, the defaults every experiment config starts from."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "common.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass --config PATH[:ARG] to base the imported run on")
+    spec = importlib.util.spec_from_file_location("_dreamjax_common_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.base_config()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2GiB` or a byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip("BIGMK") or "0"
+    unit = text.strip().upper()[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"--max-shard-size {text!r} is not a size such as 5GB, 500MB or 2GiB") from None
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """Messages from libraries (transformers' tokenizer loading, say) may span lines: keep the error one line."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        text = " ".join(str(e).split())
+        try:
+            error = type(e)(text)
+        except Exception:  # noqa: BLE001 - an exception type with another constructor
+            error = ValueError(text)
+        raise error from None
+
+
+def cmd_import(args, extra) -> int:
+    from dreamjax.run.interop import import_checkpoint
+
+    base = load_config(args.config, extra) if args.config else _base_config(extra)
+    with _one_line_errors():
+        summary = import_checkpoint(args.format, args.src, args.out, base, seed=args.seed)
+    print(f"imported {summary['format']} ({summary['parameters']:,} parameters: {', '.join(summary['parts'])}; "
+          f"precision {summary['precision']}) into {summary['out']}")
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from dreamjax.run.interop import export_checkpoint
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    with _one_line_errors():
+        result = export_checkpoint(args.format, args.checkpoint, args.out, step=args.step,
+                                   max_shard_bytes=parse_size(args.max_shard_size))
+    for note in result["notes"]:
+        print(f"left out {note}")
+    print(f"exported step {result['step']} as {result['format']} into {result['out']}")
     return 0
 
 
@@ -175,23 +258,63 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int, default=None)
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="text or images from a trained workdir")
+    g = sub.add_parser("generate", help="text, images, interleaved documents or a chat from a trained workdir",
+                       description="Sampling defaults are the run's own (its config's `sample` section).")
     g.add_argument("--checkpoint", required=True, help="a `dreamjax train` workdir")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--mode", choices=("text", "image"), default="text")
-    g.add_argument("--out", required=True)
-    g.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: config)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale (default: config)")
-    g.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: config")
-    g.add_argument("--negative-prompt", default=None, help="default: config (\"\": the readout after BOS)")
+    g.add_argument("--prompt", default=None, help="the prompt (chat: the first message; optional)")
+    g.add_argument("--mode", choices=("text", "image", "interleaved", "chat"), default="text")
+    g.add_argument("--out", required=True, help="output folder: output.json, PNGs, index.html + document.md")
+    g.add_argument("--layout", choices=("document", "instruction"), default="document",
+                   help="interleaved: continue a document opening (MMC4 layout) or follow an instruction")
+    g.add_argument("--max-images", type=int, default=4, help="interleaved: most images in the document")
+    g.add_argument("--steps", type=int, default=None, help="diffusion sampling steps")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale")
+    g.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    g.add_argument("--negative-prompt", default=None, help="\"\": the readout after BOS")
+    g.add_argument("--num-images", type=int, default=None, help="images per prompt (candidates with --rerank)")
+    g.add_argument("--rerank", default=None, metavar="CLIP_DIR",
+                   help="keep the best of --num-images by CLIP score (a local transformers CLIPModel directory)")
+    g.add_argument("--temperature", type=float, default=None, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--mesh", default=None,
                    help="mesh axis overrides, e.g. data=1,fsdp=-1 (default: the run's config.mesh)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", action="append", help="input image file (repeatable)")
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("import", help="a PyTorch checkpoint (local directory) into a dreamjax workdir",
+                       description="hf-llama: a transformers Llama directory (text generation on its own); clip: a "
+                                   "transformers CLIP directory (its vision tower); diffusers-sd: a diffusers Stable "
+                                   "Diffusion directory (unet/, vae/, scheduler/); dreamllm: the released DreamLLM "
+                                   "layout. Overrides: --config.key=value.")
+    i.add_argument("format", choices=("hf-llama", "clip", "diffusers-sd", "dreamllm"))
+    i.add_argument("--src", required=True, help="the local directory to import (never a hub id)")
+    i.add_argument("--out", required=True, help="the new workdir (must not exist or be empty)")
+    i.add_argument("--config", default=None, help="PATH[:ARG] of the config to base the run on "
+                                                   "(default: configs/common.py)")
+    i.add_argument("--seed", type=int, default=0, help="init of rows the source lacks (new special tokens)")
+    i.set_defaults(func=cmd_import)
+
+    e = sub.add_parser("export", help="a dreamjax workdir's weights as PyTorch directories",
+                       description="hf: llm/ (LlamaForCausalLM), vision/ (CLIPVisionModel), unet/ vae/ scheduler/ "
+                                   "(diffusers) and dreamllm_heads.safetensors; dreamllm: the released DreamLLM "
+                                   "layout that upstream's code loads.")
+    e.add_argument("format", choices=("hf", "dreamllm"))
+    e.add_argument("--checkpoint", required=True, help="a dreamjax workdir")
+    e.add_argument("--out", required=True, help="the new directory (must not exist or be empty)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    e.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    e.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prepare", help="raw MMC4 / WebDataset / pairs / LLaVA files into ArrayRecord shards",
+                        description="One command per data set; see README 'Prepare your data'.")
+    from dreamjax.data import prepare as prepare_cmd  # light: no JAX backend starts
+
+    prepare_cmd.add_arguments(pr)
+    pr.set_defaults(func=cmd_prepare)
 
     d = sub.add_parser("demo", help="train the tiny config on the shapes world and report two skills")
     d.add_argument("--workdir", default="workdirs/demo")

@@ -50,8 +50,9 @@ def test_generate_image_and_text(workdir, tmp_path, capsys):
     rc = main(["generate", "--checkpoint", workdir, "--prompt", "a large red circle on a white background",
                "--mode", "image", "--steps", "3", "--out", out, "--num-images", "2"])
     assert rc == 0
-    pngs = sorted(os.listdir(out))
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert len(pngs) == 2
+    assert json.load(open(os.path.join(out, "output.json")))["images"] == [os.path.join(out, p) for p in pngs]
     side = load_config(TINY).model.unet.sample_size
     assert np.asarray(Image.open(os.path.join(out, pngs[0]))).shape == (side, side, 3)
 
@@ -61,7 +62,9 @@ def test_generate_image_and_text(workdir, tmp_path, capsys):
     rc = main(["generate", "--checkpoint", workdir, "--prompt", "What color is the shape?", "--image", str(src),
                "--out", out, "--max-new-tokens", "3"])
     assert rc == 0
-    assert os.path.exists(os.path.join(out, "answer.txt"))
+    record = json.load(open(os.path.join(out, "output.json")))
+    assert record["mode"] == "text" and record["prompt"] == "What color is the shape?"
+    assert record["text"] == capsys.readouterr().out.strip().splitlines()[-1].strip() or record["text"] == ""
 
 
 @pytest.mark.parametrize(

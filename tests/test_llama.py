@@ -21,6 +21,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 
 LINEAR = {"rope_type": "linear", "factor": 2.0}
+LINEAR_V4 = {"type": "linear", "factor": 4.0}  # the transformers-4 spelling, given to transformers as it was
 
 # name: (num_kv_heads, rope_theta, rope scaling or None, tied)
 CASES = {
@@ -29,16 +30,20 @@ CASES = {
     "mqa_theta": (1, 500000.0, None, False),
     "llama3_gqa_tied": (2, 500000.0, LLAMA3, True),
     "linear_mha": (4, 10000.0, LINEAR, False),
+    "linear_v4_gqa": (2, 10000.0, LINEAR_V4, False),
 }
 
 
 @functools.cache
 def hf_model(case: str) -> transformers.LlamaForCausalLM:
     kv_heads, theta, scaling, tied = CASES[case]
-    rope = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+    if scaling is not None and "type" in scaling:  # a transformers-4 config: rope_theta + rope_scaling
+        rope = dict(rope_theta=theta, rope_scaling=dict(scaling))
+    else:
+        rope = dict(rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": theta})
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, rope_parameters=rope,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, **rope,
         tie_word_embeddings=tied, attn_implementation="eager",
     )
     torch.manual_seed(0)
@@ -117,6 +122,9 @@ def test_linear_rope_scaling_reads_both_config_layouts():
     unscaled = dataclasses.replace(cfg, rope_scaling=None)
     assert np.abs(_forward(cfg, params, tokens, positions, None)
                   - _forward(unscaled, params, tokens, positions, None)).max() > 1e-3
+    # a transformers-4 config given to transformers as it was: the same scaling, read from either spelling
+    assert LlamaConfig.from_hf(hf_model("linear_v4_gqa").config).rope_scaling == {"rope_type": "linear",
+                                                                                  "factor": 4.0}
 
 
 def test_initializer_range_sets_every_kernel_and_embedding():
@@ -145,7 +153,8 @@ def test_full_sequence_logits(case, scan_layers):
     print(f"[llama] full logits {case} scan={scan_layers}: max rel err {err:.2e}")
 
 
-@pytest.mark.parametrize("case,scan_layers", [("mha", True), ("llama3_gqa_tied", True), ("gqa_tied", False)])
+@pytest.mark.parametrize("case,scan_layers", [("mha", True), ("llama3_gqa_tied", True), ("gqa_tied", False),
+                                             ("linear_v4_gqa", True)])
 def test_kv_cache_decoding(case, scan_layers):
     """Prefill a 5-token prompt, then decode the rest one token at a time (teacher forced)."""
     cfg, params = jax_model(case, scan_layers)

@@ -10,8 +10,9 @@ Templates may hold integer placeholders such as ``{i}``:
   leading axis, in index order (this is how `nn.scan`-ed layers are stored).
 
 Transforms are limited to transposes (``kind="kernel"``: a Linear ``[out, in]`` becomes a Dense
-``[in, out]``; a Conv ``[O, I, H, W]`` becomes ``[H, W, I, O]``), so a round trip is bit-exact and
-dtypes (bf16 included) are preserved.
+``[in, out]``; a Conv ``[O, I, H, W]`` becomes ``[H, W, I, O]``) and dropping a leading axis of 1
+(``kind="squeeze0"``: upstream's ``dream_queries`` ``[1, Q, D]`` is ``[Q, D]`` here), so a round trip is
+bit-exact and dtypes (bf16 included) are preserved.
 """
 
 from __future__ import annotations
@@ -32,15 +33,19 @@ class ConversionError(ValueError):
     """Raised with one clear message naming the offending keys."""
 
 
+# identity: the same array; kernel: Linear / Conv weights transposed; squeeze0: torch keeps a leading axis of 1
+KINDS = ("identity", "kernel", "squeeze0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     torch: str
     flax: str
-    kind: str = "identity"  # "identity" or "kernel" (transpose Linear / Conv weights)
+    kind: str = "identity"  # one of KINDS
 
     def __post_init__(self):
-        if self.kind not in ("identity", "kernel"):
-            raise ValueError(f"Rule kind must be 'identity' or 'kernel', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Rule kind must be one of {KINDS}, got {self.kind!r}")
 
     @property
     def torch_vars(self) -> list[str]:
@@ -74,6 +79,10 @@ def _to_flax_layout(x: np.ndarray, kind: str) -> np.ndarray:
             return np.ascontiguousarray(x.T)
         if x.ndim == 4:
             return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+    if kind == "squeeze0":
+        if x.ndim == 0 or x.shape[0] != 1:
+            raise ConversionError(f"expected a leading axis of 1, got shape {tuple(x.shape)}")
+        return x[0]
     return x
 
 
@@ -83,7 +92,36 @@ def _to_torch_layout(x: np.ndarray, kind: str) -> np.ndarray:
             return np.ascontiguousarray(x.T)
         if x.ndim == 4:
             return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+    if kind == "squeeze0":
+        return x[None]
     return x
+
+
+def flax_shape(shape: Sequence[int], kind: str) -> tuple[int, ...]:
+    """The Flax-layout shape of a torch tensor of `shape` under a rule of `kind` (no data touched).
+    A squeeze0 tensor without its leading 1 keeps its shape, so the shape check reports it."""
+    shape = tuple(shape)
+    if kind == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    if kind == "kernel" and len(shape) == 4:
+        o, i, h, w = shape
+        return (h, w, i, o)
+    if kind == "squeeze0" and shape[:1] == (1,):
+        return shape[1:]
+    return shape
+
+
+def torch_shape(shape: Sequence[int], kind: str) -> tuple[int, ...]:
+    """The inverse of `flax_shape`: the torch-layout shape of a Flax array of `shape`."""
+    shape = tuple(shape)
+    if kind == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    if kind == "kernel" and len(shape) == 4:
+        h, w, i, o = shape
+        return (o, i, h, w)
+    if kind == "squeeze0":
+        return (1, *shape)
+    return shape
 
 
 # ----------------------------------------------------------------------------- tree helpers

@@ -10,9 +10,10 @@ Torch names follow upstream's in-model layout (`DreamLLMForCausalMLM.state_dict(
     stable_diffusion_head.projector.projector.weight                       condition projector [C, D]
 
 and the Flax tree is `DreamLLM`'s: llm/, vision/, visual_projector/, dream_queries [Q, D],
-condition_projector/, unet/, vae/ (no vae/ when `cfg.vae is None`). The table is composed from the
-per-model tables of `convert/hf.py` and `convert/diffusers.py`; the only tensor that is not a plain
-copy or transpose is `dream_queries` (upstream keeps a leading batch axis of 1), handled here.
+condition_projector/, unet/, vae/ (no vae/ when `cfg.vae is None`; only the parts the model has, see
+`DreamLLMConfig.parts`). The table is composed from the per-model tables of `convert/hf.py` and
+`convert/diffusers.py`; the only tensor that is not a plain copy or transpose is `dream_queries` (upstream
+keeps a leading batch axis of 1: a `squeeze0` rule).
 """
 
 from __future__ import annotations
@@ -39,30 +40,35 @@ SD_HEAD = "stable_diffusion_head."
 CONDITION_PROJECTOR = "stable_diffusion_head.projector.projector.weight"
 
 
-def dreamllm_rules(cfg: DreamLLMConfig) -> list[Rule]:
-    """Upstream in-model state-dict names <-> `DreamLLM` parameter paths.
+def part_rules(cfg: DreamLLMConfig, part: str) -> list[Rule]:
+    """The rules of one top-level part (`DreamLLMConfig.parts`), torch names upstream's in-model ones."""
+    if part == "llm":
+        return core.prefixed(llama_rules(cfg.llm), flax_prefix="llm")
+    if part == "vision":
+        return core.prefixed(clip_vision_rules(cfg.vision, prefix=CLIP_PREFIX), flax_prefix="vision")
+    if part == "visual_projector":
+        return [Rule(VISUAL_PROJECTOR + "weight", "visual_projector/kernel", "kernel"),
+                Rule(VISUAL_PROJECTOR + "bias", "visual_projector/bias")]
+    if part == "dream_queries":  # [1, Q, D] upstream, [Q, D] here
+        return [Rule(DREAM_QUERIES, "dream_queries", "squeeze0")]
+    if part == "condition_projector":
+        return [Rule(CONDITION_PROJECTOR, "condition_projector/kernel", "kernel")]
+    if part == "unet":
+        return core.prefixed(unet_rules(cfg.unet), torch_prefix=SD_HEAD + "unet.", flax_prefix="unet")
+    if part == "vae":
+        return core.prefixed(vae_rules(cfg.vae), torch_prefix=SD_HEAD + "vae.", flax_prefix="vae")
+    raise ValueError(f"unknown DreamLLM part {part!r}")
 
-    `dream_queries` is listed for its name only: its shape differs ([1, Q, D] in torch, [Q, D] here),
-    which `dreamllm_from_torch` / `dreamllm_to_torch` take care of.
-    """
-    rules = core.prefixed(llama_rules(cfg.llm), flax_prefix="llm")
-    rules += core.prefixed(clip_vision_rules(cfg.vision, prefix=CLIP_PREFIX), flax_prefix="vision")
-    rules += [
-        Rule(VISUAL_PROJECTOR + "weight", "visual_projector/kernel", "kernel"),
-        Rule(VISUAL_PROJECTOR + "bias", "visual_projector/bias"),
-        Rule(DREAM_QUERIES, "dream_queries"),
-        Rule(CONDITION_PROJECTOR, "condition_projector/kernel", "kernel"),
-    ]
-    rules += core.prefixed(unet_rules(cfg.unet), torch_prefix=SD_HEAD + "unet.", flax_prefix="unet")
-    if cfg.vae is not None:
-        rules += core.prefixed(vae_rules(cfg.vae), torch_prefix=SD_HEAD + "vae.", flax_prefix="vae")
-    return rules
+
+def dreamllm_rules(cfg: DreamLLMConfig) -> list[Rule]:
+    """Upstream in-model state-dict names <-> `DreamLLM` parameter paths, for every part the model has."""
+    return [r for part in cfg.parts for r in part_rules(cfg, part)]
 
 
 def dreamllm_ignore(cfg: DreamLLMConfig) -> tuple[str, ...]:
     """Torch keys dropped on purpose: non-persistent buffers older files still hold, and a tied head."""
     ignore = tuple(LLAMA_IGNORE) + tuple(CLIP_IGNORE)  # both match anywhere under a prefix
-    if cfg.llm.tie_word_embeddings:
+    if cfg.llm is not None and cfg.llm.tie_word_embeddings:
         ignore += (r"^lm_head\.weight$",)
     return ignore
 
@@ -81,13 +87,11 @@ def dreamllm_from_torch(state_dict: Mapping[str, Any], cfg: DreamLLMConfig) -> d
     Raises `ConversionError` naming every unexpected, missing or misshapen key.
     """
     sd = dict(state_dict)
-    q, d = cfg.num_dream_queries, cfg.llm.hidden_size
-    if DREAM_QUERIES in sd:
-        queries = core.to_numpy(sd[DREAM_QUERIES])
-        if queries.shape != (1, q, d):
-            raise ConversionError(f"DreamLLM state dict: {DREAM_QUERIES} has shape {tuple(queries.shape)}, "
-                                  f"expected (1, {q}, {d})")
-        sd[DREAM_QUERIES] = queries[0]
+    if DREAM_QUERIES in sd and "dream_queries" in cfg.parts:
+        q, d = cfg.num_dream_queries, cfg.llm.hidden_size
+        shape = tuple(sd[DREAM_QUERIES].shape)
+        if shape != (1, q, d):
+            raise ConversionError(f"DreamLLM state dict: {DREAM_QUERIES} has shape {shape}, expected (1, {q}, {d})")
     return core.torch_to_flax(sd, dreamllm_rules(cfg), ignore=dreamllm_ignore(cfg),
                               expected=dreamllm_param_shapes(cfg), what="DreamLLM state dict")
 
@@ -97,7 +101,4 @@ def dreamllm_to_torch(params: Mapping[str, Any], cfg: DreamLLMConfig) -> dict[st
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]
-    out = core.flax_to_torch(params, dreamllm_rules(cfg), what="DreamLLM params")
-    if DREAM_QUERIES in out:
-        out[DREAM_QUERIES] = out[DREAM_QUERIES][None]  # upstream's nn.Parameter is [1, Q, D]
-    return out
+    return core.flax_to_torch(params, dreamllm_rules(cfg), what="DreamLLM params")

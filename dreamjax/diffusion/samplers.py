@@ -267,6 +267,9 @@ def sample(
     *,
     eta: float = 0.0,
     x_init: jax.Array | None = None,
+    noise: jax.Array | None = None,
+    trajectory: bool = False,
+    on_step: Callable[[jax.Array], None] | None = None,
     dtype=jnp.float32,
 ) -> jax.Array:
     """Run the reverse process over `timesteps(schedule, num_steps)` with one `lax.scan`.
@@ -277,6 +280,11 @@ def sample(
     Randomness: x_T from split(key)[0]; the noise of step i from fold_in(split(key)[1], i). `key` may also be
     one key per example ([B, 2] raw keys): then each example's noise comes from its own key alone, so an
     image does not depend on the batch it is drawn in (generation and evaluation give the same image).
+    noise: explicit per-step standard normals [num_steps, *shape] instead of drawing them (parity tests
+    inject the noise diffusers draws with torch's RNG).
+    trajectory: return x after every step, [num_steps, *shape], instead of the final x.
+    on_step: a host function called with the step index after each step (a progress bar); it runs through
+    `jax.debug.callback`, so leave it None where the loop must stay free of host calls.
     Wrap in `jax.jit` with model_fn/shape/num_steps/sampler static (e.g. via functools.partial).
     """
     if sampler not in ("ddpm", "ddim"):
@@ -298,16 +306,24 @@ def sample(
     x = normal(key_init) if x_init is None else jnp.asarray(x_init, dtype)
     stochastic_ddim = not (isinstance(eta, int | float) and eta == 0)
 
+    if noise is not None and tuple(noise.shape) != (len(grid),) + tuple(shape):
+        raise ValueError(f"sample: noise has shape {tuple(noise.shape)}, want {(len(grid),) + tuple(shape)}")
+
+    def step_noise(i):
+        return normal(key_steps, i) if noise is None else jnp.asarray(noise, dtype)[i]
+
     def body(x, inputs):
         i, t = inputs
         out = model_fn(x, jnp.full((shape[0],), t, jnp.int32))
         if sampler == "ddpm":
-            x = ddpm_step(schedule, out, t, x, None, num_steps, noise=normal(key_steps, i)).prev_sample
+            x = ddpm_step(schedule, out, t, x, None, num_steps, noise=step_noise(i)).prev_sample
         elif stochastic_ddim:
-            x = ddim_step(schedule, out, t, x, num_steps, eta, None, noise=normal(key_steps, i)).prev_sample
+            x = ddim_step(schedule, out, t, x, num_steps, eta, None, noise=step_noise(i)).prev_sample
         else:
             x = ddim_step(schedule, out, t, x, num_steps, eta, None).prev_sample
-        return x, None
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return x, (x if trajectory else None)
 
-    x, _ = jax.lax.scan(body, x, (jnp.arange(len(grid)), jnp.asarray(grid)))
-    return x
+    x, xs = jax.lax.scan(body, x, (jnp.arange(len(grid)), jnp.asarray(grid)))
+    return xs if trajectory else x

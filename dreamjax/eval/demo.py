@@ -4,6 +4,9 @@
   whose dominant non-background colour is nearest to the asked colour.
 - vqa_accuracy: answers to "What color is the shape?" about held-out images: the share whose first word
   is the right colour.
+
+It also writes one interleaved story (`samples/story/index.html`): a document opening continued with text and
+images by the same checkpoint, and counts the images drawn in the colour their sentence names.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import os
 import numpy as np
 
 from dreamjax.data import images as imgs
-from dreamjax.data.synthetic import ShapesWorld, caption, render, world_from_config
+from dreamjax.data.synthetic import COLORS, ShapesWorld, caption, render, world_from_config
 from dreamjax.eval.color import dominant_color
+from dreamjax.infer import render as render_doc
 from dreamjax.infer.decode import generate_text
+from dreamjax.infer.interleaved import generate_interleaved
 from dreamjax.infer.text_to_image import text_to_image
 from dreamjax.run.assembly import Run
 from dreamjax.run.prompts import SampleSettings
 
 VQA_QUESTION = "What color is the shape?"
+STORY_PROMPT = "Let me show you two shapes."  # a document opening as the world's documents begin
 
 
 def heldout_specs(world: ShapesWorld, n: int, seed: int = 0):
@@ -73,6 +79,26 @@ def vqa_accuracy(run: Run, world: ShapesWorld, n: int, *, seed: int = 0, batch: 
     return hits / max(len(specs), 1), records
 
 
+def write_story(run: Run, out_dir: str, settings: SampleSettings, *, prompt: str = STORY_PROMPT, seed: int = 0,
+                max_new_tokens: int = 48) -> dict:
+    """One interleaved document (spec 3.2 layout: the opening continued, greedy) to `out_dir`; each image is
+    checked against the last colour word of the text before it."""
+    doc = generate_interleaved(run, prompt, kind="document", settings=settings, max_new_tokens=max_new_tokens,
+                               max_images=4, seed=seed)
+    record = render_doc.write_document(doc, out_dir)
+    said, checks = prompt, []
+    for seg in doc.segments:
+        if seg.kind == "text":
+            said += " " + seg.text
+            continue
+        named = [w.strip(".,").lower() for w in said.split() if w.strip(".,").lower() in COLORS]
+        drawn = dominant_color(seg.image)
+        checks.append({"image": f"image_{seg.index}.png", "named": named[-1] if named else None, "drawn": drawn})
+    record.update(prompt=prompt, text=doc.text, colors=checks, seed=seed)
+    render_doc.write_json(out_dir, record)
+    return record
+
+
 def evaluate(run: Run, out_dir: str, *, n: int = 64, steps: int | None = None, guidance: float | None = None,
              sampler: str | None = None, seed: int = 0) -> dict[str, float]:
     """Both skills on `n` held-out cases each; samples and answers to `out_dir`. Sampling follows the run's
@@ -82,7 +108,10 @@ def evaluate(run: Run, out_dir: str, *, n: int = 64, steps: int | None = None, g
     settings = run.sample_settings(steps=steps, guidance=guidance, sampler=sampler)
     color, t2i = color_accuracy(run, world, n, out_dir, settings, seed=seed)
     vqa, answers = vqa_accuracy(run, world, n, seed=seed)
+    story = write_story(run, os.path.join(out_dir, "story"), settings, seed=seed)
+    story_hits = sum(c["named"] == c["drawn"] for c in story["colors"])
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
         json.dump({"text_to_image": t2i, "vqa": answers, "color_accuracy": color, "vqa_accuracy": vqa,
-                   "sample_settings": dataclasses.asdict(settings)}, f, indent=1)
-    return {"color_accuracy": color, "vqa_accuracy": vqa}
+                   "story": story, "sample_settings": dataclasses.asdict(settings)}, f, indent=1)
+    return {"color_accuracy": color, "vqa_accuracy": vqa, "story_images": len(story["colors"]),
+            "story_color_matches": story_hits}

@@ -40,19 +40,49 @@ class SpecialTokenIds:
         return cls(**{f.name: int(getattr(ids, f.name)) for f in dataclasses.fields(cls)})
 
 
+# Every top-level part of the parameter tree, in a fixed order (train/stages.py names the same parts).
+PARTS = ("llm", "vision", "visual_projector", "dream_queries", "condition_projector", "unet", "vae")
+# The towers a model may leave out (`config.model.parts`); the connectors follow from them (see `parts`).
+TOWERS = ("llm", "vision", "unet")
+
+
 @dataclasses.dataclass(frozen=True)
 class DreamLLMConfig:
-    llm: LlamaConfig
-    vision: ClipVisionConfig
-    unet: UNetConfig
-    vae: VAEConfig | None  # None: the diffusion model works in pixel space (the tiny demo)
-    tokens: SpecialTokenIds
+    """A tower set to None is absent: an LLM-only model (imported from a transformers Llama) has no vision
+    tower and no UNet, and so no visual projector, dream queries or condition projector either."""
+
+    llm: LlamaConfig | None
+    vision: ClipVisionConfig | None
+    unet: UNetConfig | None
+    vae: VAEConfig | None  # None: the diffusion model works in pixel space (the tiny demo), or there is none
+    tokens: SpecialTokenIds | None  # None only without an LLM
     num_dream_queries: int = 64
     select_layer: int = -2
     dtype: Any = jnp.float32  # compute dtype of the projectors and queries
 
+    def __post_init__(self):
+        if self.vae is not None and self.unet is None:
+            raise ValueError("a VAE without a UNet: config.model.vae must be None when the model has no unet")
+        if self.llm is not None and self.tokens is None:
+            raise ValueError("a model with an LLM needs the special token ids (from its tokenizer)")
+        if not (self.llm or self.vision or self.unet):
+            raise ValueError("a model needs at least one of the towers " + ", ".join(TOWERS))
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The top-level parts of the parameter tree. A connector exists when both of its ends do: the
+        visual projector with the LLM and the vision tower, the dream queries and the condition projector
+        with the LLM and the UNet."""
+        have = {"llm": self.llm is not None, "vision": self.vision is not None, "unet": self.unet is not None,
+                "vae": self.vae is not None}
+        have["visual_projector"] = have["llm"] and have["vision"]
+        have["dream_queries"] = have["condition_projector"] = have["llm"] and have["unet"]
+        return tuple(p for p in PARTS if have[p])
+
     @property
     def num_image_tokens(self) -> int:
+        if self.vision is None:
+            return 0
         return (self.vision.image_size // self.vision.patch_size) ** 2
 
     @property
@@ -89,13 +119,14 @@ class DreamLLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.llm = Llama(cfg.llm)
-        self.vision = ClipVision(cfg.vision)
+        parts = cfg.parts
+        self.llm = Llama(cfg.llm) if "llm" in parts else None
+        self.vision = ClipVision(cfg.vision) if "vision" in parts else None
         # M_zeta: Linear(d_vision -> d_llm, bias) (spec 1.1, `LinearProjector`)
         self.visual_projector = layers.dense(
             cfg.llm.hidden_size, ("vision_embed", "embed"), use_bias=True, dtype=cfg.dtype,
             param_dtype=cfg.llm.param_dtype, kernel_init=_torch_linear_init(cfg.vision.hidden_size),
-        )
+        ) if "visual_projector" in parts else None
         # 64 learnable queries, N(0, 0.02) as upstream `DreamEmbedding` (the LLM's initializer_range, 0.02
         # unless a from-scratch config changes it: same scale as the token embeddings).
         self.dream_queries = self.param(
@@ -103,19 +134,26 @@ class DreamLLM(nn.Module):
             nn.with_logical_partitioning(cfg.llm.kernel_init, ("queries", "embed")),
             (cfg.num_dream_queries, cfg.llm.hidden_size),
             cfg.llm.param_dtype,
-        )
+        ) if "dream_queries" in parts else None
         # M_psi: Linear(d_llm -> unet cross_attention_dim, no bias).
         self.condition_projector = layers.dense(
             cfg.condition_dim, ("embed", "cross_embed"), use_bias=False, dtype=cfg.dtype,
             param_dtype=cfg.llm.param_dtype, kernel_init=_torch_linear_init(cfg.llm.hidden_size),
-        )
-        self.unet = UNet2DCondition(cfg.unet)
-        self.vae = AutoencoderKL(cfg.vae) if cfg.vae is not None else None
+        ) if "condition_projector" in parts else None
+        self.unet = UNet2DCondition(cfg.unet) if "unet" in parts else None
+        self.vae = AutoencoderKL(cfg.vae) if "vae" in parts else None
+
+    def _require(self, part: str, for_what: str) -> None:
+        """A clear error (at trace time) when a caller needs a part this model was built without."""
+        if part not in self.config.parts:
+            raise ValueError(f"{for_what} needs the model's {part}, but this model has only "
+                             f"{', '.join(self.config.parts)}")
 
     # ---------------------------------------------------------------- comprehension side
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """[N, H, W, 3] CLIP-normalised -> [N, num_image_tokens, d_llm] projected patch features."""
+        self._require("visual_projector", "reading input images")
         hidden = self.vision(images, output_layer=self.config.select_layer)  # [N, 1 + P, Dv]
         return self.visual_projector(hidden[:, 1:])  # the CLS token is dropped (spec 1.1)
 
@@ -128,11 +166,13 @@ class DreamLLM(nn.Module):
         keeps its `<im_patch>` embedding, as upstream does for surplus `<im_start>` tokens.
         """
         cfg = self.config
+        self._require("llm", "embedding tokens")
         x = self.llm.embed(tokens)  # [B, L, D]
 
-        block, offset, in_slot = _slot_index(tokens, cfg.tokens.dream_start, cfg.num_dream_queries)
-        queries = self.dream_queries.astype(x.dtype)[offset]  # [B, L, D]
-        x = jnp.where(in_slot[..., None], queries, x)
+        if self.dream_queries is not None:  # an LLM-only model has no dream queries to write
+            block, offset, in_slot = _slot_index(tokens, cfg.tokens.dream_start, cfg.num_dream_queries)
+            queries = self.dream_queries.astype(x.dtype)[offset]  # [B, L, D]
+            x = jnp.where(in_slot[..., None], queries, x)
 
         if images_in is not None:
             b, ni = images_in.shape[:2]
@@ -153,6 +193,7 @@ class DreamLLM(nn.Module):
 
         hidden [B, L, D] -> (condition [B, No, Q, C], present [B, No]).
         """
+        self._require("condition_projector", "conditioning the diffusion model")
         q = self.config.num_dream_queries
         starts, present = block_starts(tokens, self.config.tokens.dream_start, max_images)  # [B, No]
         idx = starts[..., None] + 1 + jnp.arange(q)  # [B, No, Q]
@@ -191,6 +232,7 @@ class DreamLLM(nn.Module):
 
     def to_latents(self, images: jax.Array, key: jax.Array) -> jax.Array:
         """[N, R, R, 3] in [-1, 1] -> diffusion-space sample: VAE latents * scaling factor, or pixels."""
+        self._require("unet", "diffusion")
         if self.vae is None:
             return images
         mean, logvar = self.vae.encode(images)
@@ -204,15 +246,28 @@ class DreamLLM(nn.Module):
 
     def denoise(self, noisy: jax.Array, timesteps: jax.Array, condition: jax.Array) -> jax.Array:
         """The UNet's prediction for noisy [N, h, w, c] at timesteps [N] given condition [N, Q, C]."""
+        self._require("unet", "diffusion")
         return self.unet(noisy, timesteps, condition)
 
     def init_all(self, tokens, positions, images_in, images_out):
-        """Touches every submodule once (for `init`)."""
-        logits, cond, _ = self(tokens, positions, None, images_in, None, max_images_out=1)
-        n = images_out.shape[0]
-        latents = self.to_latents(images_out, jax.random.PRNGKey(0))
-        eps = self.denoise(latents, jnp.zeros((n,), jnp.int32), cond[:1, 0].repeat(n, axis=0))
-        return logits, eps, self.from_latents(latents)
+        """Touches every submodule of the parts the model has once (for `init`)."""
+        parts = self.config.parts
+        out = []
+        cond = None
+        if "llm" in parts:
+            logits, cond, _ = self(tokens, positions, None, images_in if "vision" in parts else None, None,
+                                   max_images_out=1 if "condition_projector" in parts else 0)
+            out.append(logits)
+        elif "vision" in parts:
+            out.append(self.vision(images_in[:, 0], output_layer=self.config.select_layer))
+        if "unet" in parts:
+            n = images_out.shape[0]
+            latents = self.to_latents(images_out, jax.random.PRNGKey(0))
+            if cond is None:  # a diffusion-only model: any condition of the right width
+                cond = jnp.zeros((1, 1, 1, self.config.condition_dim), latents.dtype)
+            out.append(self.denoise(latents, jnp.zeros((n,), jnp.int32), cond[:1, 0].repeat(n, axis=0)))
+            out.append(self.from_latents(latents))
+        return out
 
 
 def _torch_linear_init(fan_in: int):
@@ -232,40 +287,64 @@ def _build(cls, section: str, values: dict, **extra):
         raise ValueError(f"config.model.{section}: {e}") from None
 
 
-def build_config(model: dict, *, vocab_size: int, tokens: SpecialTokenIds, dtype=jnp.float32,
+def build_config(model: dict, *, vocab_size: int | None, tokens: SpecialTokenIds | None, dtype=jnp.float32,
                  param_dtype=jnp.float32) -> DreamLLMConfig:
-    """DreamLLMConfig from the plain-dict `config.model` section (configs/*.py) and the tokenizer."""
+    """DreamLLMConfig from the plain-dict `config.model` section (configs/*.py) and the tokenizer.
+
+    `model["parts"]`: None (every tower) or a list of the towers the model has (`TOWERS`); the sections of the
+    others are ignored. The VAE goes with the UNet when `model["vae"]` is set.
+    """
     model = {k: (dict(v) if hasattr(v, "items") else v) for k, v in dict(model).items()}
-    known = {"llm", "vision", "unet", "vae", "schedule", "num_dream_queries", "select_layer"}
+    known = {"llm", "vision", "unet", "vae", "schedule", "num_dream_queries", "select_layer", "parts"}
     unknown = set(model) - known
     if unknown:
         raise ValueError(f"config.model: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    towers = model_towers(model)
     prec = dict(dtype=dtype, param_dtype=param_dtype)
-    llm = _build(LlamaConfig, "llm", model["llm"], vocab_size=vocab_size, **prec)
-    vision = _build(ClipVisionConfig, "vision", model["vision"], **prec)
-    try:
-        unet = UNetConfig.from_diffusers(model["unet"], **prec)
-        vae = None if model.get("vae") is None else VAEConfig.from_diffusers(model["vae"], **prec)
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"config.model.unet / vae: {e}") from None
-    cfg = DreamLLMConfig(llm=llm, vision=vision, unet=unet, vae=vae, tokens=tokens,
+    llm = vision = unet = vae = None
+    if "llm" in towers:
+        llm = _build(LlamaConfig, "llm", model["llm"], vocab_size=vocab_size, **prec)
+    if "vision" in towers:
+        vision = _build(ClipVisionConfig, "vision", model["vision"], **prec)
+        if vision.image_size % vision.patch_size:
+            raise ValueError(f"config.model.vision: image_size {vision.image_size} is not a multiple of "
+                             f"patch_size {vision.patch_size}")
+    if "unet" in towers:
+        try:
+            unet = UNetConfig.from_diffusers(model["unet"], **prec)
+            vae = None if model.get("vae") is None else VAEConfig.from_diffusers(model["vae"], **prec)
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"config.model.unet / vae: {e}") from None
+    cfg = DreamLLMConfig(llm=llm, vision=vision, unet=unet, vae=vae, tokens=tokens if llm else None,
                          num_dream_queries=int(model.get("num_dream_queries", 64)),
                          select_layer=int(model.get("select_layer", -2)), dtype=dtype)
     if cfg.num_dream_queries < 1:
         raise ValueError(f"config.model.num_dream_queries must be >= 1, got {cfg.num_dream_queries}")
-    if vision.image_size % vision.patch_size:
-        raise ValueError(f"config.model.vision: image_size {vision.image_size} is not a multiple of patch_size "
-                         f"{vision.patch_size}")
     return cfg
+
+
+def model_towers(model: dict) -> tuple[str, ...]:
+    """The towers `config.model` asks for: its `parts` list, or every tower when it is None."""
+    parts = model.get("parts")
+    if parts is None:
+        return TOWERS
+    parts = tuple(parts)
+    bad = set(parts) - set(TOWERS)
+    if bad or not parts:
+        raise ValueError(f"config.model.parts must be a non-empty list of {list(TOWERS)} (the connectors follow "
+                         f"from them), got {list(parts)}")
+    return tuple(t for t in TOWERS if t in parts)
 
 
 def init_params(model: DreamLLM, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
     """Boxed random parameters of every part (`jax.eval_shape` it for the abstract tree)."""
     cfg = model.config
     tokens = jnp.zeros((batch, length), jnp.int32)
-    r_in = cfg.vision.image_size
+    r_in = cfg.vision.image_size if cfg.vision is not None else 1
     images_in = jnp.zeros((batch, 1, r_in, r_in, 3), jnp.float32)
-    r_out = cfg.unet.sample_size * (cfg.vae.downsample_factor if cfg.vae is not None else 1)
-    images_out = jnp.zeros((1, r_out, r_out, cfg.vae.in_channels if cfg.vae else cfg.unet.in_channels))
+    images_out = jnp.zeros((1, 1, 1, 3))
+    if cfg.unet is not None:
+        r_out = cfg.unet.sample_size * (cfg.vae.downsample_factor if cfg.vae is not None else 1)
+        images_out = jnp.zeros((1, r_out, r_out, cfg.vae.in_channels if cfg.vae else cfg.unet.in_channels))
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     return model.init(rng, tokens, positions, images_in, images_out, method=DreamLLM.init_all)["params"]

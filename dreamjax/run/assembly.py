@@ -17,13 +17,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dreamjax.data.tokenize import LayoutConfig
 from dreamjax.data.tokenizer import SpecialIds, load_tokenizer
 from dreamjax.diffusion.schedule import Schedule
-from dreamjax.models.dreamllm import DreamLLM, DreamLLMConfig, init_params
+from dreamjax.models.dreamllm import DreamLLM, DreamLLMConfig, init_params, model_towers
 from dreamjax.parallel import presets
 from dreamjax.parallel.mesh import MESH_AXES, make_mesh
 from dreamjax.parallel.sharding import Rules, logical_sharding, rules_from_config
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Run:
     config: ConfigDict  # resolved: the model sections carry the architecture of the weights it starts from
-    tokenizer: Any
-    specials: SpecialIds
+    tokenizer: Any  # None for a model without an LLM (`config.model.parts`)
+    specials: SpecialIds | None
     model: DreamLLM
     schedule: Schedule
     mesh: Mesh
@@ -68,6 +69,22 @@ class Run:
         """The run's own sampler settings (`config.sample`), with the non-None overrides applied."""
         return prompts.SampleSettings.from_config(self.config.sample, **overrides)
 
+    def require(self, *parts: str, for_what: str) -> None:
+        """One clear error when a checkpoint without some parts (`config.model.parts`, e.g. an imported LLM)
+        is asked for something that needs them."""
+        missing = [p for p in parts if p not in self.model_config.parts]
+        if missing:
+            raise ValueError(f"{for_what} needs the model's {', '.join(missing)}, but this checkpoint has only "
+                             f"{', '.join(self.model_config.parts)}")
+
+    def check_generation(self, mode: str, with_images: bool) -> None:
+        """`dreamjax generate`'s needs: the LLM always, input images the vision tower, images the UNet."""
+        self.require("llm", for_what=f"generate --mode {mode}")
+        if with_images:
+            self.require("vision", "visual_projector", for_what="--image")
+        if mode in ("image", "interleaved"):
+            self.require("unet", "dream_queries", for_what=f"generate --mode {mode}")
+
     # ---------------------------------------------------------------- parameters
 
     @functools.cached_property
@@ -79,12 +96,33 @@ class Run:
     def param_shardings(self) -> Any:
         return logical_sharding(self.abstract_params, self.mesh, self.rules)
 
-    def init_params(self, rng: jax.Array) -> dict:
-        """Random parameters for every part, created sharded, then the `config.init` weights over them."""
-        shardings = self.param_shardings
-        with self.mesh:
-            params = jax.jit(lambda k: nn.meta.unbox(init_params(self.model, k)), out_shardings=shardings)(rng)
-        return weights.load_pretrained(self.config, self.model.config, params)
+    def init_params(self, rng: jax.Array, *, keep_file_dtype: bool = False) -> dict:
+        """Random parameters, created sharded, with the `config.init` weights over them. A part `config.init`
+        replaces whole is not randomly initialised at all (a leaf's random rows are computed only when a
+        pretrained embedding lacks some), so the host never holds a second copy of it. keep_file_dtype: keep
+        the pretrained files' dtypes (`dreamjax import`), instead of the model's parameter dtypes."""
+        covered = weights.covered_parts(self.config, self.model.config)
+        flat_sh = traverse_util.flatten_dict(self.param_shardings)
+
+        def init_leaves(keep):
+            # XLA drops the init of every leaf left out, so nothing of a covered part is allocated
+            def init(k):
+                flat = traverse_util.flatten_dict(nn.meta.unbox(init_params(self.model, k)))
+                return traverse_util.unflatten_dict({p: v for p, v in flat.items() if keep(p)})
+
+            out_sh = traverse_util.unflatten_dict({p: v for p, v in flat_sh.items() if keep(p)})
+            with self.mesh:
+                return jax.jit(init, out_shardings=out_sh)(rng)
+
+        def random_leaf(path: str) -> jax.Array:
+            key = tuple(path.split("/"))
+            return traverse_util.flatten_dict(init_leaves(lambda p: p == key))[key]
+
+        random = init_leaves(lambda p: p[0] not in covered)
+        targets = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                               nn.meta.unbox(self.abstract_params), self.param_shardings)
+        return weights.load_pretrained(self.config, self.model.config, dict(random), targets, random_leaf=random_leaf,
+                                       keep_file_dtype=keep_file_dtype)
 
     def restore_params(self, step: int | None = None) -> tuple[dict, int]:
         """Parameters of the newest readable checkpoint (or `step`) in this run's workdir, on the mesh."""
@@ -104,7 +142,8 @@ class Run:
         os.makedirs(workdir, exist_ok=True)
         with open(checkpoints.config_path(workdir), "w") as f:
             f.write(self.config.to_json_best_effort(indent=2))
-        self.tokenizer.save_pretrained(checkpoints.tokenizer_dir(workdir))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(checkpoints.tokenizer_dir(workdir))
 
 
 DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}  # ZeRO-3 over every device
@@ -132,7 +171,11 @@ def new_run(config: ConfigDict, *, mesh_overrides: dict[str, int] | None = None)
     tokenizer = build_tokenizer(config)
     model, schedule = build_model(config, tokenizer)
     mesh, rules = mesh_from_config(config, mesh_overrides)
-    return Run(config, tokenizer, SpecialIds.from_tokenizer(tokenizer), model, schedule, mesh, rules)
+    return Run(config, tokenizer, _specials(tokenizer), model, schedule, mesh, rules)
+
+
+def _specials(tokenizer) -> SpecialIds | None:
+    return None if tokenizer is None else SpecialIds.from_tokenizer(tokenizer)
 
 
 def load_run(workdir: str, *, step: int | None = None, mesh_overrides: dict[str, int] | None = None,
@@ -143,10 +186,12 @@ def load_run(workdir: str, *, step: int | None = None, mesh_overrides: dict[str,
     workdir = os.path.abspath(workdir)
     checkpoints.require(workdir, "checkpoint directory")
     config = read_workdir_config(workdir)
-    tokenizer = load_tokenizer(checkpoints.require(checkpoints.tokenizer_dir(workdir), "tokenizer"))
+    tokenizer = None
+    if "llm" in model_towers(config.model.to_dict()):  # a checkpoint without an LLM has no tokenizer
+        tokenizer = load_tokenizer(checkpoints.require(checkpoints.tokenizer_dir(workdir), "tokenizer"))
     model, schedule = build_model(config, tokenizer)
     mesh, rules = mesh_from_config(config, mesh_overrides)
-    run = Run(config, tokenizer, SpecialIds.from_tokenizer(tokenizer), model, schedule, mesh, rules, workdir)
+    run = Run(config, tokenizer, _specials(tokenizer), model, schedule, mesh, rules, workdir)
     if with_params:
         run.params, run.step = run.restore_params(step)
     return run

@@ -21,6 +21,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -209,3 +210,84 @@ def _flatten(tree: Mapping[str, Any], prefix: str = ""):
             yield from _flatten(v, path)
         else:
             yield path, v
+
+
+# ------------------------------------------------------------------------------------------------ parameters alone
+
+
+def save_params(directory: str, step: int, trees: Mapping[str, Any]) -> None:
+    """Save parameter items (`PARAM_ITEMS`: an imported checkpoint) and wait for the write.
+
+    Written uncompressed with about one GB (or the largest array) in flight: Orbax's zstd path buffers every
+    array it compresses, which doubles the host memory of a model held on the host (a CPU mesh); these
+    tensors hardly compress. Every reader (`restore_params`, `ParamLeaves`) reads the result like any other
+    checkpoint.
+    """
+    largest = max((x.size * x.dtype.itemsize for x in jax.tree.leaves(dict(trees))), default=0)
+    in_flight_gb = max(1, -(-largest // 10**9))  # Orbax refuses an array bigger than its budget
+    handlers = {name: ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=in_flight_gb)
+                for name in PARAM_ITEMS}
+    mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True),
+                                 item_handlers=handlers)
+    items = {k: ocp.args.PyTreeSave(v) for k, v in trees.items() if jax.tree.leaves(v)}
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+class ParamLeaves:
+    """The parameters of one checkpoint as host numpy arrays, read a few leaves at a time (at most
+    `budget_bytes` per read, or one leaf when it is bigger): what `dreamjax export` converts, so exporting
+    never holds the model (`convert.export.Leaves`). Paths are "part/.../leaf"; dtypes are as saved."""
+
+    def __init__(self, directory: str, step: int | None = None, budget_bytes: int = 512 << 20):
+        self._mngr = _param_reader(directory)
+        self.step = self._mngr.latest_step() if step is None else step
+        if self.step is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {directory}")
+        meta = self._mngr.item_metadata(self.step)
+        self._item: dict[str, str] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], Any]] = {}
+        for item in PARAM_ITEMS:
+            tree = _tree_of(meta[item]) if item in meta and meta[item] is not None else None
+            for path, m in _flatten(tree or {}):
+                self._item[path] = item
+                self._specs[path] = (tuple(m.shape), np.dtype(m.dtype))
+        self.budget = budget_bytes
+
+    def specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return dict(self._specs)
+
+    def _nbytes(self, path: str) -> int:
+        shape, dtype = self._specs[path]
+        return int(np.prod(shape)) * dtype.itemsize
+
+    def fetch(self, paths: Sequence[str]):
+        batch: list[str] = []
+        size = 0
+        for path in paths:
+            if batch and size + self._nbytes(path) > self.budget:
+                yield from self._read(batch)
+                batch, size = [], 0
+            batch.append(path)
+            size += self._nbytes(path)
+        if batch:
+            yield from self._read(batch)
+
+    def _read(self, paths: Sequence[str]):
+        wanted: dict[str, dict] = {}
+        for path in paths:
+            node = wanted.setdefault(self._item[path], {})
+            *parents, leaf = path.split("/")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = 0
+        args = {item: ocp.args.PyTreeRestore(
+            item=tree, partial_restore=True,
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+            for item, tree in wanted.items()}
+        out = self._mngr.restore(self.step, args=ocp.args.Composite(**args))
+        flat = {p: v for item in wanted for p, v in _flatten(dict(out[item]))}
+        del out
+        for path in paths:
+            yield path, flat.pop(path)

@@ -30,11 +30,11 @@ from dreamjax.data.synthetic import world_from_config
 from dreamjax.data.tokenizer import SpecialIds, build_word_tokenizer, load_tokenizer
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig
 from dreamjax.models.clip_vision import ClipVisionConfig
-from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config
+from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, model_towers
 from dreamjax.models.llama import LlamaConfig
 from dreamjax.models.unet import UNetConfig
 from dreamjax.models.vae import VAEConfig
-from dreamjax.run import checkpoints
+from dreamjax.run import checkpoints, release
 
 PRECISIONS = {  # name -> (compute dtype, trainable param dtype, frozen param dtype)
     "fp32": (jnp.float32, jnp.float32, jnp.float32),
@@ -42,6 +42,7 @@ PRECISIONS = {  # name -> (compute dtype, trainable param dtype, frozen param dt
     "pure_bf16": (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16),  # upstream: everything bf16, no master copy
 }
 INIT_KEYS = ("llm", "clip", "stable_diffusion", "dream", "checkpoint", "dreamllm")
+INIT_TOWERS = {"llm": "llm", "clip": "vision", "stable_diffusion": "unet"}  # the tower each entry needs
 
 # Fields that shape the weights or the forward numerics; the rest of each config is the run's choice.
 LLM_ARCH = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -73,9 +74,13 @@ def init_paths(config: ConfigDict) -> dict[str, str]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"config.init.{key}: path does not exist: {path}")
         out[key] = os.path.abspath(path)
-    if "dreamllm" in out:
-        raise ValueError("config.init.dreamllm (the released DreamLLM layout) is not supported yet; "
-                         "start from its parts with config.init.llm / clip / stable_diffusion")
+    if "dreamllm" in out and len(out) > 1:
+        others = ", ".join(f"config.init.{k}" for k in sorted(out) if k != "dreamllm")
+        raise ValueError(f"config.init.dreamllm already holds every part; drop {others}")
+    towers = model_towers(config.model.to_dict())
+    for key, tower in INIT_TOWERS.items():
+        if key in out and tower not in towers:
+            raise ValueError(f"config.init.{key} is set but config.model.parts {list(towers)} has no {tower}")
     if "checkpoint" in out and "dream" in out:
         raise ValueError("config.init.checkpoint already holds the dream queries and projectors; "
                          "drop config.init.dream")
@@ -100,7 +105,10 @@ def read_workdir_config(workdir: str) -> ConfigDict:
 
 def build_tokenizer(config: ConfigDict):
     """`config.tokenizer`: "synthetic" (the shapes world's word tokenizer), a local HF tokenizer directory,
-    or None: the tokenizer of `config.init.checkpoint` or `config.init.llm`."""
+    or None: the tokenizer of `config.init.checkpoint`, `config.init.dreamllm` or `config.init.llm`.
+    A model without an LLM (`config.model.parts`) has no tokenizer: None."""
+    if "llm" not in model_towers(config.model.to_dict()):
+        return None
     tok = config.tokenizer
     if tok == "synthetic":
         return build_word_tokenizer(world_from_config(config.data).vocabulary())
@@ -108,6 +116,8 @@ def build_tokenizer(config: ConfigDict):
         paths = init_paths(config)
         if "checkpoint" in paths:
             tok = checkpoints.tokenizer_dir(workdir_of(paths["checkpoint"]))
+        elif "dreamllm" in paths:
+            return release.load_tokenizer(paths["dreamllm"])
         elif "llm" in paths:
             tok = paths["llm"]
         else:
@@ -205,6 +215,8 @@ def resolve_config(config: ConfigDict) -> ConfigDict:
     try:
         if "checkpoint" in paths:
             _resolve_from_workdir(model, workdir_of(paths["checkpoint"]))
+        if "dreamllm" in paths:
+            _resolve_from_release(model, paths["dreamllm"])
         if "llm" in paths:
             source = os.path.join(paths["llm"], "config.json")
             theirs = LlamaConfig.from_hf(read_hf_config(paths["llm"]))
@@ -231,30 +243,58 @@ def resolve_config(config: ConfigDict) -> ConfigDict:
     return config
 
 
+def _resolve_from_release(model: ConfigDict, path: str) -> None:
+    rel, llm, vision = release.model_configs(path)
+    source = os.path.join(path, "config.json")
+    for key, value in (("num_dream_queries", rel.num_dream_queries), ("select_layer", rel.select_layer)):
+        if model.get(key) is not None and model[key] != value:
+            raise ValueError(f"config.model.{key} = {model[key]!r} contradicts the weights: {source} has {value!r}")
+        model[key] = value
+    resolved = _merge_dataclass("llm", _given(model.llm), llm, LLM_ARCH, source)
+    resolved["vocab_size"] = llm.vocab_size
+    model.llm = ConfigDict(resolved)
+    model.vision = ConfigDict(_merge_dataclass("vision", _given(model.vision), vision, VISION_ARCH,
+                                               f"{source} (its CLIP)"))
+    for section, theirs, build, jax_only in (("unet", rel.unet, _diffusers_unet, UNET_JAX_ONLY),
+                                             ("vae", rel.vae, _diffusers_vae, ()),
+                                             ("schedule", rel.scheduler, ScheduleConfig.from_diffusers, ())):
+        model[section] = ConfigDict(_merge_diffusers(section, _given(model.get(section)), theirs, build,
+                                                     f"{source} (its Stable Diffusion)", jax_only))
+
+
 def _resolve_from_workdir(model: ConfigDict, workdir: str) -> None:
     source = checkpoints.config_path(workdir)
     theirs = read_workdir_config(workdir).model
+    ours_towers, their_towers = model_towers(model.to_dict()), model_towers(theirs.to_dict())
+    if set(ours_towers) - set(their_towers):
+        raise ValueError(f"config.init.checkpoint: {workdir} has only the towers {list(their_towers)}, this "
+                         f"config asks for {list(ours_towers)} (set config.model.parts, or start the other "
+                         f"towers from config.init.llm / clip / stable_diffusion in a run of their own)")
     for key in ("num_dream_queries", "select_layer"):
         ours, value = model.get(key), theirs.get(key)
         if ours is not None and value is not None and ours != value:
             raise ValueError(f"config.model.{key} = {ours!r} contradicts the weights: {source} has {value!r}")
         if value is not None:
             model[key] = value
-    llm = _given(model.llm)
-    for key, value in _given(theirs.llm).items():
-        if key in LLM_ARCH + ("vocab_size",) and key in llm and _norm(llm[key]) != _norm(value):
-            raise _contradiction("llm", key, llm[key], value, source)
-        if key in LLM_ARCH + ("vocab_size",):
-            llm[key] = value
-    model.llm = ConfigDict(llm)
-    vision = _given(model.vision)
-    for key, value in _given(theirs.vision).items():
-        if key in VISION_ARCH and key in vision and _norm(vision[key]) != _norm(value):
-            raise _contradiction("vision", key, vision[key], value, source)
-        vision.setdefault(key, value)
-    model.vision = ConfigDict(vision)
+    if "llm" in ours_towers:
+        llm = _given(model.llm)
+        for key, value in _given(theirs.llm).items():
+            if key in LLM_ARCH + ("vocab_size",) and key in llm and _norm(llm[key]) != _norm(value):
+                raise _contradiction("llm", key, llm[key], value, source)
+            if key in LLM_ARCH + ("vocab_size",):
+                llm[key] = value
+        model.llm = ConfigDict(llm)
+    if "vision" in ours_towers:
+        vision = _given(model.vision)
+        for key, value in _given(theirs.vision).items():
+            if key in VISION_ARCH and key in vision and _norm(vision[key]) != _norm(value):
+                raise _contradiction("vision", key, vision[key], value, source)
+            vision.setdefault(key, value)
+        model.vision = ConfigDict(vision)
     for section, build, jax_only in (("unet", _diffusers_unet, UNET_JAX_ONLY), ("vae", _diffusers_vae, ()),
                                      ("schedule", ScheduleConfig.from_diffusers, ())):
+        if section in ("unet", "vae") and "unet" not in ours_towers:
+            continue
         if theirs.get(section) is None:  # only the VAE may be absent (pixel-space diffusion)
             if _given(model.get(section)):
                 raise _contradiction(section, section, "a config", None, source)
@@ -269,28 +309,35 @@ def _resolve_from_workdir(model: ConfigDict, workdir: str) -> None:
 
 
 def build_model(config: ConfigDict, tokenizer, *, compute_dtype=None) -> tuple[DreamLLM, Schedule]:
-    """DreamLLM and its noise schedule from a *resolved* config (see `resolve_config`) and the tokenizer.
+    """DreamLLM and its noise schedule from a *resolved* config (see `resolve_config`) and the tokenizer
+    (None for a model without an LLM).
 
     The vocabulary is the tokenizer's, or the pretrained LLM's when that is larger (upstream resizes the
     embeddings only when the tokenizer outgrows them).
     """
     compute, _, _ = precision(config)
     compute = compute if compute_dtype is None else compute_dtype
-    tokens = SpecialTokenIds.from_ids(SpecialIds.from_tokenizer(tokenizer))
     model_section = config.model.to_dict()
-    llm = {k: v for k, v in dict(model_section["llm"]).items() if v is not None}
-    vocab = max(len(tokenizer), int(llm.pop("vocab_size", 0) or 0))
-    model_section["llm"] = llm
+    towers = model_towers(model_section)
+    tokens, vocab = None, None
+    if "llm" in towers:
+        if tokenizer is None:
+            raise ValueError("a model with an LLM needs a tokenizer")
+        tokens = SpecialTokenIds.from_ids(SpecialIds.from_tokenizer(tokenizer))
+        llm = {k: v for k, v in dict(model_section["llm"]).items() if v is not None}
+        vocab = max(len(tokenizer), int(llm.pop("vocab_size", 0) or 0))
+        model_section["llm"] = llm
     unet = dict(model_section.get("unet") or {})
     unet_overrides = {k: unet.pop(k) for k in UNET_JAX_ONLY if k in unet}
     model_section["unet"] = unet
     model_cfg = build_config(model_section, vocab_size=vocab, tokens=tokens, dtype=compute)
-    if unet_overrides:
+    if unet_overrides and model_cfg.unet is not None:
         model_cfg = dataclasses.replace(model_cfg, unet=dataclasses.replace(model_cfg.unet, **unet_overrides))
-    if model_cfg.vae is None and model_cfg.unet.sample_size != int(config.data.resolution_out):
+    if model_cfg.unet is not None and model_cfg.vae is None and \
+            model_cfg.unet.sample_size != int(config.data.resolution_out):
         raise ValueError(f"pixel-space diffusion (model.vae=None) needs model.unet.sample_size "
                          f"({model_cfg.unet.sample_size}) == data.resolution_out ({config.data.resolution_out})")
-    if model_cfg.vision.image_size != int(config.data.resolution_in):
+    if model_cfg.vision is not None and model_cfg.vision.image_size != int(config.data.resolution_in):
         raise ValueError(f"data.resolution_in ({config.data.resolution_in}) must equal the vision tower's "
                          f"image_size ({model_cfg.vision.image_size})")
     schedule = Schedule.create(ScheduleConfig.from_diffusers(dict(config.model.schedule)))

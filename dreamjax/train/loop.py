@@ -31,7 +31,7 @@ from dreamjax.run.model import precision
 from dreamjax.train import checkpoint
 from dreamjax.train.metrics import MetricsWriter, Progress
 from dreamjax.train.optimizer import make_optimizer
-from dreamjax.train.stages import get_stage
+from dreamjax.train.stages import check_model_parts, get_stage
 from dreamjax.train.state import state_from_params, state_shardings_for
 from dreamjax.train.step import StepConfig, make_train_step, shard_batch
 
@@ -69,6 +69,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[st
     run = new_run(config)
     config, mesh, rules, mcfg = run.config, run.mesh, run.rules, run.model_config
     stage = get_stage(config.train.stage, config.train.trainable, config.train.loss_weights)
+    check_model_parts(mcfg.parts)
     global_batch = int(config.train.global_batch_size)
     check_batch_divides(global_batch, mesh, rules)
     if global_batch % jax.process_count():
@@ -135,10 +136,13 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[st
                 writer.write(done, m)
                 bar.update(done, m)
                 last, tokens_seen, t_log = m, 0.0, time.time()
-            if done % int(config.train.checkpoint_every) == 0 or done == steps or stop["signal"]:
-                checkpoint.save(mngr, state, data_iter, force=done == steps or bool(stop["signal"]))
-            if stop["signal"]:
-                log.warning("received signal %s: checkpoint saved at step %d, stopping", stop["signal"], done)
+            # Read the flag once: a SIGTERM landing between the save and the break must not stop the run
+            # without a checkpoint at `done` (it is then seen, and saved, after the next step).
+            stopping = stop["signal"]
+            if done % int(config.train.checkpoint_every) == 0 or done == steps or stopping:
+                checkpoint.save(mngr, state, data_iter, force=done == steps or bool(stopping))
+            if stopping:
+                log.warning("received signal %s: checkpoint saved at step %d, stopping", stopping, done)
                 break
         mngr.wait_until_finished()
     finally:

@@ -43,6 +43,17 @@ def _check_parts(parts) -> None:
         raise ValueError(f"unknown trainable parts {sorted(bad)}; parts are {PARTS}")
 
 
+def check_model_parts(parts: tuple[str, ...]) -> None:
+    """Training needs every part: its data feeds images in and asks for images out. A checkpoint with fewer
+    parts (an imported LLM, CLIP or Stable Diffusion alone: `config.model.parts`) is for inference, export, or
+    as one `config.init` entry of a full model."""
+    missing = [p for p in PARTS if p not in parts and p != "vae"]  # no VAE: pixel-space diffusion
+    if missing:
+        raise ValueError(f"training needs the whole DreamLLM, but this model has only {', '.join(parts)} (no "
+                         f"{', '.join(missing)}); start the missing towers from config.init.llm / clip / "
+                         f"stable_diffusion")
+
+
 def get_stage(name: str, trainable: tuple[str, ...] | None = None, loss_weights=None) -> Stage:
     """The named stage, optionally with other trainable parts and/or (lm, vm) loss weights."""
     if name not in STAGES:
