@@ -416,7 +416,7 @@ def test_record_helpers():
     assert conv.images == ["p1", "p2"]
     doc = InterleavedDoc.from_mmc4({"text_list": ["a", "b"], "image_info": [
         {"image_name": "x.png", "matched_text_index": 1, "matched_sim": 0.3}]})
-    assert doc.images == [("x.png", 1)]
+    assert doc.images == [("x.jpg", 1)]  # spec 3.2: the tar member name (stem before the first dot + .jpg)
 
 
 # --- collation ---------------------------------------------------------------------------------------------

@@ -37,6 +37,12 @@ ROLE_ALIASES: Mapping[str, str] = {
 }
 
 
+def mmc4_member_name(image_name: str) -> str:
+    """Spec 3.2: MMC4 shards store the image of `image_name` as member `image_name.split(".")[0] + ".jpg"`
+    (the text before the *first* dot), whatever extension `image_name` has."""
+    return image_name.split(".")[0] + ".jpg"
+
+
 def is_missing(image: ImageRef) -> bool:
     """An image reference that cannot be used at all (treated like a corrupt image)."""
     return image is None
@@ -71,12 +77,14 @@ class InterleavedDoc:
     def from_mmc4(
         cls,
         record: Mapping[str, Any],
-        resolve: Callable[[Mapping[str, Any]], ImageRef] = lambda info: info["image_name"],
+        resolve: Callable[[Mapping[str, Any]], ImageRef] = lambda info: mmc4_member_name(info["image_name"]),
     ) -> InterleavedDoc:
         """From an MMC4 json: `{"text_list": [...], "image_info": [{"image_name", "matched_text_index"}]}`.
 
-        `resolve(image_info)` returns the image reference (default: the `image_name` string); return None
-        for an image that cannot be found, and it will be skipped and counted at tokenization.
+        `resolve(image_info)` returns the image reference. The default is the name the image has inside an
+        MMC4 tar shard (spec 3.2, `mmc4_member_name`), not `image_name` verbatim: `"abc.png"` is stored as
+        `"abc.jpg"`. Return None for an image that cannot be found, and it is skipped and counted at
+        tokenization.
         """
         images = [(resolve(info), int(info["matched_text_index"])) for info in record.get("image_info", [])]
         return cls(text_list=list(record["text_list"]), images=images)
@@ -175,6 +183,7 @@ __all__ = [
     "InterleavedDoc",
     "Record",
     "is_missing",
+    "mmc4_member_name",
     "normalize_roles",
     "placeholders_in",
 ]
