@@ -43,9 +43,15 @@ def base_config() -> ConfigDict:
         dreamllm=None,  # the released DreamLLM layout (spec 5): every part; excludes the other entries
     ))
 
+    # source: "synthetic" (the shapes world, generated on the fly) or "prepared" (directories written by
+    # `dreamjax prepare`: paths = {name: directory}, mixture = {name: weight}; an empty mixture weighs every
+    # path equally). num_workers: Grain worker processes (0: read in the training process), read_threads:
+    # threads building batches ahead in each of those processes, prefetch_batches: how many they buffer.
+    # None of these three changes the batches: they are made the same, and resume exactly, whatever the values.
     c.data = ConfigDict(dict(
         source="synthetic", paths=None, mode="joint", max_length=2048, max_images_in=4, max_images_out=4,
-        resolution_in=224, resolution_out=512, random_flip=True, num_workers=0, seed=0,
+        resolution_in=224, resolution_out=512, random_flip=True, num_workers=0, read_threads=2,
+        prefetch_batches=4, seed=0,
         mixture=ConfigDict(),
         # synthetic source only: attribute subsets of the shapes world (dreamjax.data.synthetic.WORLD_OPTIONS)
         world=None,

@@ -13,8 +13,10 @@ downloaded); the run assembly checks the architecture written here against the w
 The global batch is upstream's 128 GPUs x 16 = 2048 sequences; steps are one epoch of upstream's data.
 
 The data mixtures name upstream's datasets with weights proportional to their sizes (spec 2.1-2.2). They
-need prepared shards (`data.source = "prepared"`, `data.paths`), which the data pipeline does not read
-yet: training with these configs fails with a clear message until it does.
+read prepared shards (`data.source = "prepared"`): write each data set with `dreamjax prepare` and name
+the directories with `--config.data.paths="{'mmc4_core': '/data/mmc4', 'blip_laion': '/data/blip'}"`
+(one dict can hold every stage's data sets; a stage opens only those its mixture names). A mixture name
+without a path, or a missing or empty directory, stops the run with one line before anything compiles.
 """
 
 from ml_collections import ConfigDict
@@ -59,6 +61,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.resolution_in = 224
     c.data.resolution_out = 512
     c.data.mixture = ConfigDict({name: size / sum(mixture.values()) for name, size in mixture.items()})
+    c.data.paths = None  # {name: prepared directory}, set on the command line
+    c.data.num_workers = 2  # decoding 512 px JPEGs keeps a few cores busy per host
 
     c.train.stage = stage
     c.train.steps = steps

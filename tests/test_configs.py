@@ -39,10 +39,10 @@ def test_the_real_model_builds(arg, vocab, billions):
     assert abs(n / 1e9 - billions) < 0.02, n
 
 
-def test_bad_arg_and_unbuilt_data_source_fail_with_one_line(tmp_path, capsys):
+def test_bad_arg_and_missing_data_paths_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown stage 'stage9'"):
         load_config(f"{CONFIG}:stage9")
     assert main(["train", "--config", f"{CONFIG}:stage2", "--workdir", str(tmp_path), "--config.tokenizer=synthetic",
                  "--config.model.llm.num_layers=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "data.source 'prepared' is not supported yet" in err[0], err
+    assert len(err) == 1 and "config.data.paths is empty" in err[0], err  # before anything is built

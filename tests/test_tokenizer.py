@@ -198,3 +198,76 @@ def test_released_slow_format_sentencepiece(tmp_path):
     )
     ids = loaded("USER: <image>")["input_ids"]
     assert ids[0] == s.bos and ids[-1] == s.image and s.eos not in ids
+
+
+# --- upstream's LLaMA SentencePiece tokenization (spec 1.2), checked against the sentencepiece library -----
+SP_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "USER: what colour is the circle? ASSISTANT: the circle is red.",
+    "The quick brown fox jumps over the lazy dog.  Two  spaces.\nA new line.",
+]
+SP_TEXTS = [
+    "USER: what colour? ASSISTANT: red</s>USER: the fox ASSISTANT: a dog</s>",  # text right after </s>
+    "USER: <image>\nwhat is the circle? ASSISTANT:",  # a newline right after an <image> placeholder
+    "<image>the fox<dream>jumps <im_start>over",  # text right after special tokens, no space
+    "end </s> x",  # a space right after a special token: upstream gives "▁▁x"
+    " leading space, trailing space ",
+    "a  b   c\n\nd",
+    "héllo ☃ wörld",  # byte fallback
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model():
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    # LLaMA's normalizer: identity, dummy prefix, extra whitespace kept
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS * 20), model_writer=model, vocab_size=300, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+    )
+    return model.getvalue()
+
+
+def _llama_dir(path, model: bytes, legacy):
+    path.mkdir()
+    (path / "tokenizer.model").write_bytes(model)
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if legacy is not None:
+        config["legacy"] = legacy
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def _reference_ids(sp, tok, text):
+    """Upstream (transformers 4.35 slow LlamaTokenizer, legacy=True): BOS, then the text split at the special
+    tokens, each special its id, each other piece `sp_model.encode(piece)` (with its own dummy prefix)."""
+    import re
+
+    specials = sorted({"<s>", "</s>", "<unk>", *tok.all_special_tokens}, key=len, reverse=True)
+    ids = [1]
+    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if piece in specials:
+            ids.append(tok.convert_tokens_to_ids(piece))
+        elif piece:
+            ids += sp.encode(piece)
+    return ids
+
+
+@pytest.mark.parametrize("legacy", [True, False, None])
+def test_sentencepiece_tokenization_is_upstreams(sp_model, legacy, tmp_path):
+    """Whatever the tokenizer_config says and whatever transformers' default is, `load_tokenizer` gives the
+    ids of sentencepiece itself, also right after </s> and <image>; saved to a workdir it reloads the same."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    tok = load_tokenizer(_llama_dir(tmp_path / "llama", sp_model, legacy))
+    for text in SP_TEXTS:
+        assert tok(text)["input_ids"] == _reference_ids(sp, tok, text), text
+    tok.save_pretrained(str(tmp_path / "workdir_tokenizer"))
+    reloaded = load_tokenizer(tmp_path / "workdir_tokenizer")
+    assert len(reloaded) == len(tok) and SpecialIds.from_tokenizer(reloaded) == SpecialIds.from_tokenizer(tok)
+    for text in SP_TEXTS:
+        assert reloaded(text)["input_ids"] == tok(text)["input_ids"], text

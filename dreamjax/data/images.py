@@ -50,7 +50,16 @@ class ImageDecodeError(ValueError):
 
 def decode_image(src: bytes | bytearray | memoryview | PathLike, name: str | None = None,
                  max_pixels: int | None = None) -> np.ndarray:
-    """Decode encoded bytes or a file into a uint8 ``[H, W, 3]`` RGB array.
+    """Decode encoded bytes or a file into a (writable) uint8 ``[H, W, 3]`` RGB array: ``decode_pil``'s pixels."""
+    return np.array(decode_pil(src, name, max_pixels), dtype=np.uint8)
+
+
+def decode_pil(src: bytes | bytearray | memoryview | PathLike, name: str | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded bytes or a file into a loaded RGB PIL image.
+
+    The training pipeline keeps the PIL image: both preprocessing paths resize with PIL, so handing them the
+    decoded image saves two numpy <-> PIL copies per image (same pixels, same results).
 
     ``name`` is what the error message calls the item (default: the path, or ``<N bytes>``). Any failure,
     including a missing file, unknown format, truncated or corrupt data, a zero-sized image or more than
@@ -76,14 +85,17 @@ def decode_image(src: bytes | bytearray | memoryview | PathLike, name: str | Non
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(item, f"{w}x{h} pixels is over max_pixels={max_pixels}")
             im.load()  # decode now, so truncated data fails here and not later in the pipeline
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)
+            if im.mode != "RGB":
+                rgb = im.convert("RGB")
+            else:  # an image read from bytes holds no file: no copy needed to outlive the `with`
+                rgb = im if isinstance(src, bytes | bytearray | memoryview) else im.copy()
     except ImageDecodeError:
         raise
     except FileNotFoundError as e:
         raise ImageDecodeError(item, "file not found") from e
     except Exception as e:  # PIL raises many types for bad data: OSError, SyntaxError, struct.error, ...
         raise ImageDecodeError(item, f"{type(e).__name__}: {e}") from e
-    return arr
+    return rgb
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -108,13 +120,20 @@ def shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
     return size, int(size * width / height)
 
 
-def resize_shortest_edge(img: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
-    """PIL resize of a uint8 HWC image so that its shortest edge is ``size`` (a no-op if it already is)."""
-    h, w = img.shape[:2]
+def resize_shortest_edge(img: np.ndarray | Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
+    """PIL resize of a uint8 HWC image (or an RGB PIL image) so that its shortest edge is ``size`` (a no-op
+    if it already is); returns a uint8 HWC array."""
+    if isinstance(img, Image.Image):
+        w, h = img.size
+        im = img
+    else:
+        h, w = img.shape[:2]
+        im = None
     new_h, new_w = shortest_edge_size(h, w, size)
     if (new_h, new_w) == (h, w):
-        return img
-    return np.asarray(Image.fromarray(img).resize((new_w, new_h), resample=resample))
+        return np.asarray(img)
+    im = im if im is not None else Image.fromarray(img)
+    return np.asarray(im.resize((new_w, new_h), resample=resample))
 
 
 def center_crop(img: np.ndarray, height: int, width: int, rounding: str = "floor") -> np.ndarray:
@@ -135,8 +154,13 @@ def center_crop(img: np.ndarray, height: int, width: int, rounding: str = "floor
     return img[top: top + height, left: left + width]
 
 
-def _as_rgb_uint8(img: np.ndarray, what: str) -> np.ndarray:
-    """Check/convert the input of the preprocessors: uint8 HWC with 3 channels (gray and RGBA accepted)."""
+def _as_rgb_uint8(img: np.ndarray | Image.Image, what: str) -> np.ndarray | Image.Image:
+    """Check/convert the input of the preprocessors: uint8 HWC with 3 channels (gray and RGBA accepted), or
+    an RGB PIL image (passed through: PIL resizes it directly)."""
+    if isinstance(img, Image.Image):
+        if img.mode != "RGB" or 0 in img.size:
+            raise ValueError(f"{what} takes an RGB PIL image, got mode {img.mode} of size {img.size}")
+        return img
     img = np.asarray(img)
     if img.dtype != np.uint8:
         raise TypeError(f"{what} takes a uint8 image (0..255), got dtype {img.dtype}")
@@ -153,7 +177,7 @@ def _as_rgb_uint8(img: np.ndarray, what: str) -> np.ndarray:
 # The two preprocessing paths
 
 
-def clip_preprocess(img: np.ndarray, size: int = 224) -> np.ndarray:
+def clip_preprocess(img: np.ndarray | Image.Image, size: int = 224) -> np.ndarray:
     """CLIP input preprocessing: uint8 ``[H, W, 3]`` -> float32 ``[size, size, 3]``, CLIP-normalised.
 
     Same steps and arithmetic as transformers' PIL ``CLIPImageProcessor`` (shortest_edge=size, bicubic,
@@ -169,7 +193,7 @@ def clip_preprocess(img: np.ndarray, size: int = 224) -> np.ndarray:
     return (x - mean) / std
 
 
-def diffusion_preprocess(img: np.ndarray, resolution: int = 512, random_flip: bool = True,
+def diffusion_preprocess(img: np.ndarray | Image.Image, resolution: int = 512, random_flip: bool = True,
                          rng: np.random.Generator | int | None = None) -> np.ndarray:
     """Stable Diffusion side preprocessing: uint8 ``[H, W, 3]`` -> float32 ``[R, R, 3]`` in [-1, 1].
 

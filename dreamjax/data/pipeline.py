@@ -3,9 +3,15 @@ decode + tokenize (spec section 3 layouts, `data/tokenize.py`) -> static-shape b
 DESIGN section 3).
 
 Deterministic for a given seed and host count, checkpointable (Grain iterator state), and lossless in
-accounting: a record that cannot be used (corrupt image, nothing left after truncation, ...) becomes an
-all-padding row of its batch and is counted by reason in the batch's `skips` entry, so batch shapes stay
-static and nothing disappears silently.
+accounting: a record that cannot be used (nothing left after truncation, a pair whose image is bad, ...)
+becomes an all-padding row of its batch and is counted by reason in the batch's `skips` entry, so batch
+shapes stay static and nothing disappears silently. An image that fails to decode costs only that image
+where the layout allows it (spec 3.2: an interleaved document keeps the rest).
+
+Batches are built on the `MapDataset` (one element = one host batch), so the reading parallelism (threads
+of `ReadOptions`, worker processes of `mp_prefetch`) only changes *when* a batch is made, never which
+records it holds: any `read_threads` / `num_workers` gives the same batches, and Grain's iterator state
+(the next batch index, per worker with `mp_prefetch`) resumes exactly.
 """
 
 from __future__ import annotations
@@ -16,13 +22,19 @@ from typing import Any
 
 import grain
 import numpy as np
+from PIL import Image
 
 from dreamjax.data import images as imgs
-from dreamjax.data.collate import collate
+from dreamjax.data.collate import collate, fit_sample
+from dreamjax.data.documents import Conversation, ImageTextPair, Record
 from dreamjax.data.tokenize import LayoutConfig, Skips, TokenizedSample, tokenize
 from dreamjax.data.tokenizer import SpecialIds
 
 SKIPS_KEY = "skips"  # batch entry: {reason: count} for the records of this batch
+# An image that failed to decode in the pipeline (counted once per image). What it cost is counted by the
+# layout as well: `corrupt_image` (an interleaved image, both uses), `pair_corrupt_image` (the pair) or
+# `conversation_corrupt_image` (the conversation).
+IMAGE_DECODE_ERROR = "image_decode_error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +48,8 @@ class PipelineConfig:
     random_flip: bool = True  # diffusion-side flip, as upstream's SD processor (spec 1.1)
     seed: int = 0
     num_workers: int = 0  # Grain worker processes (0: in the training process)
+    read_threads: int = 2  # threads building batches ahead, in each reading process (0: on demand)
+    prefetch_batches: int = 4  # batches buffered ahead by those threads (bounds the memory they hold)
 
 
 @dataclasses.dataclass
@@ -47,38 +61,80 @@ class Example:
 
 
 class PrepareExample(grain.transforms.RandomMap):
-    """record -> Example: tokenize, then decode + preprocess every image the layout kept."""
+    """record -> Example: tokenize, then decode + preprocess every image the layout kept.
+
+    The sample is cut to the batch's length and image budget (`fit_sample`, as collation would) before any
+    image is decoded, so images past the budget cost nothing, and each image is decoded once, even when the
+    layout uses it twice (joint mode: DRM then IMG). An image that fails to decode is marked corrupt in the
+    record and the record is tokenized again from the same random state, so the layout skips that image's
+    CLIP and diffusion uses together and keeps the rest (spec 3.2; a pair or a conversation that needs the
+    image is skipped by its layout), with the same random choices as if it had been flagged from the start.
+    """
 
     def __init__(self, tokenizer, specials: SpecialIds, cfg: PipelineConfig):
         self.tokenizer, self.specials, self.cfg = tokenizer, specials, cfg
 
     def random_map(self, record: Any, rng: np.random.Generator) -> Example:
-        skips = Skips()
-        sample = tokenize(record, self.tokenizer, self.cfg.layout, rng=rng, skips=skips, specials=self.specials)
-        if sample is None:
-            return Example(None, skips.as_dict())
-        try:
-            pixels_in = [self._clip(ref) for ref in sample.images_in]
-            pixels_out = [self._diffusion(ref, rng) for ref in sample.images_out]
-        except imgs.ImageDecodeError:
-            skips.add("image_decode_error")
-            return Example(None, skips.as_dict())
-        sample = dataclasses.replace(sample, images_in=pixels_in, images_out=pixels_out)
-        return Example(sample, skips.as_dict())
+        start = rng.bit_generator.state
+        decoded: dict[int, tuple[Any, Any]] = {}  # id(ref) -> (ref, pixels); holding ref keeps its id unique
+        failed: set[int] = set()
+        while True:
+            skips = Skips()
+            skips.add(IMAGE_DECODE_ERROR, len(failed))
+            sample = tokenize(record, self.tokenizer, self.cfg.layout, rng=rng, skips=skips, specials=self.specials)
+            if sample is None:
+                return Example(None, skips.as_dict())
+            sample = fit_sample(sample, self.cfg.layout.max_length, self.cfg.max_images_in, self.cfg.max_images_out,
+                                self.specials, skips)
+            new = self._decode(sample, decoded)
+            if not new:
+                break
+            failed |= new
+            record = mark_corrupt(record, failed)
+            rng.bit_generator.state = start
+        pixels_in = [self._clip(decoded[id(ref)][1]) for ref in sample.images_in]
+        pixels_out = [self._diffusion(decoded[id(ref)][1], rng) for ref in sample.images_out]
+        return Example(dataclasses.replace(sample, images_in=pixels_in, images_out=pixels_out), skips.as_dict())
 
-    def _clip(self, ref) -> np.ndarray:
-        return imgs.clip_preprocess(_as_uint8(ref), self.cfg.resolution_in)
+    @staticmethod
+    def _decode(sample: TokenizedSample, decoded: dict) -> set[int]:
+        """Decode every image of `sample` not decoded yet; returns the ids of those that failed."""
+        failed = set()
+        for ref in (*sample.images_in, *sample.images_out):
+            if id(ref) in decoded or id(ref) in failed:
+                continue
+            try:
+                decoded[id(ref)] = (ref, load_image(ref))
+            except imgs.ImageDecodeError:
+                failed.add(id(ref))
+        return failed
 
-    def _diffusion(self, ref, rng) -> np.ndarray:
-        return imgs.diffusion_preprocess(
-            _as_uint8(ref), self.cfg.resolution_out, random_flip=self.cfg.random_flip, rng=rng
-        )
+    def _clip(self, pixels) -> np.ndarray:
+        return imgs.clip_preprocess(pixels, self.cfg.resolution_in)
+
+    def _diffusion(self, pixels, rng) -> np.ndarray:
+        return imgs.diffusion_preprocess(pixels, self.cfg.resolution_out, random_flip=self.cfg.random_flip, rng=rng)
 
 
-def _as_uint8(ref) -> np.ndarray:
+def load_image(ref) -> np.ndarray | Image.Image:
+    """The image loader of both record sources: synthetic records carry uint8 arrays (used as they are),
+    prepared ones carry encoded bytes, decoded here into an RGB PIL image that both preprocessing paths
+    resize directly (`ImageDecodeError` when the bytes cannot be decoded)."""
     if isinstance(ref, np.ndarray) and ref.dtype == np.uint8 and ref.ndim == 3:
         return ref
-    return imgs.decode_image(ref)
+    return imgs.decode_pil(ref)
+
+
+def mark_corrupt(record: Record, failed: set[int]) -> Record:
+    """`record` with every image whose `id()` is in `failed` flagged corrupt (the layouts skip those)."""
+    if isinstance(record, ImageTextPair):
+        return dataclasses.replace(record, corrupt=record.corrupt or id(record.image) in failed)
+    if isinstance(record, Conversation):
+        refs = list(record.images)
+    else:  # InterleavedDoc, InstructInterleavedDoc: (image, matched_text_index) pairs
+        refs = [image for image, _ in record.images]
+    bad = frozenset(k for k, ref in enumerate(refs) if id(ref) in failed)
+    return dataclasses.replace(record, corrupt=frozenset(record.corrupt) | bad)
 
 
 def collate_examples(examples: Sequence[Example], cfg: PipelineConfig, specials: SpecialIds) -> dict[str, Any]:
@@ -97,6 +153,17 @@ def collate_examples(examples: Sequence[Example], cfg: PipelineConfig, specials:
     )
     batch[SKIPS_KEY] = skips.as_dict()
     return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class CollateExamples:
+    """`collate_examples` as a picklable batch function (Grain worker processes)."""
+
+    cfg: PipelineConfig
+    specials: SpecialIds
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        return collate_examples(examples, self.cfg, self.specials)
 
 
 def mixture(sources: Mapping[str, Sequence], weights: Mapping[str, float], seed: int) -> grain.MapDataset:
@@ -145,9 +212,22 @@ def make_dataset(sources: Mapping[str, Sequence], weights: Mapping[str, float], 
     # so the batches do not depend on how many hosts read them.
     ds = ds.random_map(PrepareExample(tokenizer, specials, cfg), seed=cfg.seed)
     ds = HostRows(ds, cfg.per_host_batch * process_count, cfg.per_host_batch, process_index)
-    it = ds.to_iter_dataset()
-    it = it.batch(cfg.per_host_batch, drop_remainder=True,
-                  batch_fn=lambda exs: collate_examples(exs, cfg, specials))
+    # Batch before going iterable: threads and worker processes then share out whole batches, so they
+    # cannot change a batch's rows (IterDataset.batch after mp_prefetch's slicing would).
+    ds = ds.batch(cfg.per_host_batch, drop_remainder=True, batch_fn=CollateExamples(cfg, specials))
+    threads = max(0, int(cfg.read_threads))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(0, cfg.prefetch_batches)
+                                              if threads else 0))
     if cfg.num_workers > 0:
+        _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return it
+
+
+def _absl_flags_ready() -> None:
+    """Grain's worker processes read absl flags (their defaults here); a program that does not parse absl
+    flags itself (our CLI uses argparse, or pytest) would otherwise fail with UnparsedFlagAccessError."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

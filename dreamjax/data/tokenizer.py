@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dreamjax.data.chat import VICUNA_V1_1
@@ -141,8 +141,40 @@ def load_tokenizer(local_dir: str | Path) -> PreTrainedTokenizerBase:
             f"could not load a tokenizer from {str(path)!r} (expected tokenizer.json or tokenizer.model "
             f"with tokenizer_config.json): {e}"
         ) from e
+    use_legacy_sentencepiece(tokenizer)
     add_dreamllm_special_tokens(tokenizer)
     return tokenizer
+
+
+def is_sentencepiece_bpe(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """A LLaMA-style SentencePiece BPE (byte fallback, "▁" for spaces), however transformers converted it.
+    Llama-3's byte-level BPE and the word tokenizer are not."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.model, models.BPE) or not backend.model.byte_fallback:
+        return False
+    return WORD_SPACE in repr(backend.pre_tokenizer) + repr(backend.normalizer)
+
+
+def use_legacy_sentencepiece(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give a LLaMA SentencePiece tokenizer upstream's tokenization (spec 1.2: `LlamaTokenizer`, legacy=True).
+
+    Upstream (transformers 4.35, slow, legacy) splits the text at the special tokens and runs
+    `sp_model.encode` on each piece, which prepends "▁" to every piece: text right after `</s>` or `<image>`
+    starts with "▁", and a piece starting with a space gets "▁▁". Newer transformers convert the same
+    `tokenizer.model` to a Metaspace pre-tokenizer whose default prepends "▁" only to the first piece
+    (legacy=False), or never doubles it (legacy=True), so the ids after a special token or of a leading space
+    differ from what the released model was trained on. The legacy converter's normalizer (prepend "▁",
+    spaces -> "▁", no pre-tokenizer) is exactly SentencePiece's identity normalizer with a dummy prefix, so
+    we install it whatever the tokenizer files or transformers' defaults say. Returns whether it applied.
+    """
+    if not is_sentencepiece_bpe(tokenizer):
+        return False
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(WORD_SPACE), normalizers.Replace(" ", WORD_SPACE)])
+    backend.pre_tokenizer = None
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.legacy = True
+    return True
 
 
 def special_tokens2ids_dict(tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -260,4 +292,5 @@ __all__ = [
     "load_tokenizer",
     "special_tokens2ids_dict",
     "split_words",
+    "use_legacy_sentencepiece",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
+from dreamjax.data.prepared import open_mixture
 from dreamjax.data.synthetic import world_from_config
 from dreamjax.data.tokenize import LayoutConfig
 from dreamjax.models.dreamllm import DreamLLMConfig
@@ -39,8 +40,13 @@ log = logging.getLogger(__name__)
 
 
 def build_sources(config: ConfigDict) -> tuple[dict, dict]:
+    """(sources, weights) of `config.data`: the synthetic shapes world, or directories written by `dreamjax
+    prepare` (`data.paths` name -> directory, `data.mixture` name -> weight). Every problem is a one-line
+    ValueError, raised before anything is built or compiled."""
+    if config.data.source == "prepared":
+        return open_mixture(config.data.get("paths"), config.data.get("mixture"))
     if config.data.source != "synthetic":
-        raise ValueError(f"config.data.source {config.data.source!r} is not supported yet; use 'synthetic'")
+        raise ValueError(f"config.data.source {config.data.source!r} is not supported; use 'synthetic' or 'prepared'")
     world = world_from_config(config.data)
     n = 1_000_000  # records are generated on the fly from their index
     sources = {"pairs": world.pairs("train", n), "conversations": world.conversations("train", n),
@@ -60,12 +66,14 @@ def pipeline_config(config: ConfigDict, model_cfg: DreamLLMConfig, per_host_batc
         per_host_batch=per_host_batch, max_images_in=int(d.max_images_in), max_images_out=int(d.max_images_out),
         resolution_in=model_cfg.vision.image_size, resolution_out=int(d.resolution_out),
         random_flip=bool(d.random_flip), seed=int(d.seed), num_workers=int(d.num_workers),
+        read_threads=int(d.get("read_threads", 2)), prefetch_batches=int(d.get("prefetch_batches", 4)),
     )
 
 
 def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Train per `config`; returns the last logged metrics."""
     t_start = time.time()
+    sources, weights = build_sources(config)  # data errors first: before a model is built or compiled
     run = new_run(config)
     config, mesh, rules, mcfg = run.config, run.mesh, run.rules, run.model_config
     stage = get_stage(config.train.stage, config.train.trainable, config.train.loss_weights)
@@ -87,7 +95,6 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True) -> dict[st
         warmup_steps=int(config.train.warmup_steps), weight_decay=float(config.train.weight_decay),
         grad_clip_norm=config.train.grad_clip_norm,
     )
-    sources, weights = build_sources(config)
     per_host = global_batch // jax.process_count()
     data = make_dataset(sources, weights, run.tokenizer, pipeline_config(config, mcfg, per_host),
                         process_index=jax.process_index(), process_count=jax.process_count())
