@@ -8,7 +8,12 @@ WORKDIR ?= workdirs/demo
 # Parallel test workers: 2 cores here; override with `make test JOBS=8`.
 JOBS   ?= 2
 
-.PHONY: install demo test test-slow bench lint clean
+# The TPU compiler for `dreamjax aot`, beside the project rather than in the venv (with libtpu in the venv every
+# CPU-only JAX process would first probe for TPU chips). The version jax[tpu]==0.10.2 pins.
+LIBTPU ?= libtpu==0.0.42.1
+TPU_DIR := .tpu
+
+.PHONY: install tpu aot demo test test-slow bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +26,22 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+$(TPU_DIR)/.installed: | $(PY)
+	$(PY) -m pip install --quiet --no-deps --target $(TPU_DIR) '$(LIBTPU)' && touch $@ || \
+		echo "libtpu could not be installed: dreamjax aot is unavailable and its compile test is skipped"
+
+tpu: $(TPU_DIR)/.installed
+
+# e.g. make aot CONFIG=configs/dreamllm_7b.py:stage2 TOPOLOGY=v5p-128
+CONFIG ?= configs/dreamllm_7b.py:stage2
+TOPOLOGY ?= v5p-128
+aot: install tpu
+	$(VENV)/bin/dreamjax aot --config $(CONFIG) --topology $(TOPOLOGY)
+
 demo: install
 	$(VENV)/bin/dreamjax demo --workdir $(WORKDIR)
 
-test: install
+test: install tpu
 	$(PY) -m pytest -q -n $(JOBS) --durations=15
 
 test-slow: install
@@ -37,4 +54,4 @@ lint: install
 	$(VENV)/bin/ruff check dreamjax tests benchmarks configs
 
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TPU_DIR) workdirs .pytest_cache .ruff_cache

@@ -62,6 +62,10 @@ def base_config() -> ConfigDict:
         learning_rate=2e-5, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0, grad_accum_steps=1,
         precision="bf16",  # "fp32" | "bf16" (fp32 master, bf16 compute) | "pure_bf16" (upstream)
         condition_dropout=0.0, noise_draws=1, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
+        # Every `sample_every` steps (0: never) images of `sample_prompts` from the current params go to
+        # TensorBoard, with `sample`'s settings but at most 25 steps (dreamjax/train/loop.py `_SampleLogger`).
+        sample_every=0, sample_prompts=["a photo of a dog on the beach", "a red car parked in the street",
+                                        "a bowl of fruit on a wooden table", "a mountain lake at sunset"],
     ))
 
     # Mesh axis sizes (None: the preset's, else data=1, fsdp=-1 (the rest), tensor=1); `preset` names a TPU slice

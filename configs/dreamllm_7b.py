@@ -51,7 +51,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.llm = ConfigDict({**(models.vicuna_7b() if variant == "vicuna_7b" else models.llama31_8b()),
                               "remat_policy": "nothing_saveable"})  # upstream: gradient checkpointing
     c.model.vision = ConfigDict(models.clip_vit_l14_224())
-    c.model.unet = ConfigDict(models.sd21_base_unet())
+    # remat: the frozen UNet's backward (to the condition) would otherwise keep every block's activations of
+    # every output image (`dreamjax aot` measures it: see README "Pods")
+    c.model.unet = ConfigDict({**models.sd21_base_unet(), "remat": True})
     c.model.vae = ConfigDict(models.sd21_base_vae())
     c.model.num_dream_queries = 64
 

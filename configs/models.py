@@ -4,10 +4,18 @@ a download): `model.llm` in `LlamaConfig` field names, `model.vision` in `ClipVi
 points at the real weights, the run assembly checks these values against the weights' own config files.
 """
 
+import copy
+
+from dreamjax.convert.dreamllm_release import KNOWN_SD
+
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+
 
 def vicuna_7b() -> dict:
-    """Vicuna-7B v1.1 (LLaMA-1 7B, spec 1.1); the vocabulary comes from the tokenizer (32000 + 8 DreamLLM tokens)."""
-    return dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+    """Vicuna-7B v1.1 (LLaMA-1 7B, spec 1.1). vocab_size is the pretrained embedding's; the tokenizer adds
+    DreamLLM's 8 tokens (32008 rows in training)."""
+    return dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                num_kv_heads=32,
                 rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
@@ -18,32 +26,19 @@ def clip_vit_l14_224() -> dict:
 
 
 def sd21_base_unet() -> dict:
-    """stable-diffusion-2-1-base unet/config.json."""
-    return {
-        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20],
-        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 1024,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "downsample_padding": 1,
-        "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
-        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-        "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4, "sample_size": 64,
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "use_linear_projection": True,
-        "upcast_attention": False,  # the 768-px v-prediction 2.1 sets True; the 512-px base keeps the default
-    }
+    """stable-diffusion-2-1-base unet/config.json (the package knows it: a release names it by hub id)."""
+    return copy.deepcopy(KNOWN_SD[SD21_BASE]["unet"])
 
 
 def sd21_base_vae() -> dict:
     """stable-diffusion-2-1-base vae/config.json."""
-    return {
-        "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
-        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
-        "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    }
+    return copy.deepcopy(KNOWN_SD[SD21_BASE]["vae"])
 
 
 def llama31_8b() -> dict:
-    """Llama-3.1-8B: GQA (8 KV heads), RoPE theta 5e5 with llama3 scaling; vocabulary 128256 from its tokenizer."""
-    return dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+    """Llama-3.1-8B: GQA (8 KV heads), RoPE theta 5e5 with llama3 scaling; vocabulary 128256 (+ DreamLLM's 8)."""
+    return dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                num_kv_heads=8,
                 rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 8192})

@@ -66,6 +66,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # trained with 10% condition dropout (upstream, with a pretrained SD, trains without it).
     c.train.condition_dropout = 0.1
     c.train.noise_draws = 2
+    # Sample images to TensorBoard at steps 500 and 1000 (a few seconds each on 2 CPU cores): shapes-world
+    # captions, two of them held-out (colour, shape) combinations the demo scores.
+    c.train.sample_every = 500
+    c.train.sample_prompts = ["a huge red circle in the center", "a huge blue square in the center",
+                              "a huge green circle in the center", "a huge purple square in the center"]
 
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     c.sample.update(steps=50, guidance=3.0, sampler="ddim")

@@ -1,4 +1,4 @@
-"""`dreamjax` command line: train, generate, demo, prepare, import, export.
+"""`dreamjax` command line: train, generate, eval, demo, prepare, import, export, aot.
 
 A user error (bad path, bad config value, bad mesh) exits non-zero with one clear line, not a traceback;
 `DREAMJAX_DEBUG=1` shows the traceback.
@@ -109,12 +109,19 @@ def _init_distributed(args) -> None:
              jax.local_device_count(), jax.device_count())
 
 
+def _sampler():
+    """The text-to-image sampler for `train.sample_every` (passed in: `train/` sits below `infer/`)."""
+    from dreamjax.infer.text_to_image import text_to_image
+
+    return text_to_image
+
+
 def cmd_train(args, extra) -> int:
     _init_distributed(args)  # before the training modules are imported: nothing may start a backend first
     from dreamjax.train.loop import train
 
     config = load_config(args.config, extra)
-    metrics = train(config, args.workdir, progress=not args.no_progress)
+    metrics = train(config, args.workdir, progress=not args.no_progress, sampler=_sampler())
     log.info("done: %s", {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
     return 0
 
@@ -148,6 +155,15 @@ def cmd_generate(args, extra) -> int:
     return 0
 
 
+def cmd_aot(args, extra) -> int:
+    # Compile only: the host's own work (shapes, FLOP counts) runs on the CPU, never probing for TPU chips.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from dreamjax.train import aot
+
+    config = load_config(args.config, extra)
+    return aot.main(config, args.topology)
+
+
 def cmd_prepare(args, extra) -> int:
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -165,7 +181,7 @@ def cmd_demo(args, extra) -> int:
     config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
     config = load_config(args.config or config_path, extra)
     t0 = time.time()
-    metrics = train(config, args.workdir, progress=not args.no_progress)
+    metrics = train(config, args.workdir, progress=not args.no_progress, sampler=_sampler())
     t_train = time.time() - t0
     log.info("training took %.0f s (final loss %.4f)", t_train, metrics.get("loss", float("nan")))
     run = load_run(args.workdir)
@@ -308,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     e.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     e.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("aot", help="compile the train step for a TPU slice on this machine: memory per chip, FLOPs",
+                       description="Needs the TPU compiler (`make aot` installs it). Overrides: --config.key=value.")
+    a.add_argument("--config", required=True, help="PATH[:ARG], e.g. configs/dreamllm_7b.py:stage2")
+    a.add_argument("--topology", required=True, help="a Cloud TPU slice: v5p-128, v5e-256, v4-256, 2xv5p-128, ...")
+    a.set_defaults(func=cmd_aot)
+
+    from dreamjax.eval import commands as eval_commands  # light: no JAX backend starts
+
+    ev = sub.add_parser("eval", help="benchmarks: VQAv2 accuracy, COCO captions, CLIP score, FID")
+    eval_commands.add_arguments(ev)
+    ev.set_defaults(func=eval_commands.main)
 
     pr = sub.add_parser("prepare", help="raw MMC4 / WebDataset / pairs / LLaVA files into ArrayRecord shards",
                         description="One command per data set; see README 'Prepare your data'.")

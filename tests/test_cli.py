@@ -29,6 +29,9 @@ def test_train_writes_metrics_checkpoint_tokenizer_config(workdir):
         for k in ("loss", "lm_loss", "vm_loss", "grad_norm", "tokens_per_s"):
             assert np.isfinite(m[k]), (k, m)
         assert m["loss"] == pytest.approx(m["lm_loss"] + 10 * m["vm_loss"], rel=1e-5)  # demo weights (1, 10)
+        for k in ("images_per_s", "step_time_s", "mfu"):  # tests/test_metrics.py tests them further
+            assert np.isfinite(m[k]) and m[k] > 0, (k, m)
+    assert [m["step"] for m in lines if "checkpoint_block_s" in m] == [2, 3]  # checkpoint_every=2, and the last
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"
     assert os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))
     cfg = json.load(open(os.path.join(workdir, "config.json")))

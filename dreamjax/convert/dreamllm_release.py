@@ -68,6 +68,7 @@ KNOWN_SD = {
             "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
             "num_class_embeds": None, "only_cross_attention": False, "out_channels": 4, "sample_size": 64,
             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "use_linear_projection": True,
+            "upcast_attention": False,  # the 768-px v-prediction 2.1 sets True; the 512-px base keeps the default
         },
         "vae": {
             "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],

@@ -6,6 +6,7 @@ model never materialises on one device.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -73,22 +74,27 @@ def state_from_params(params: Any, param_shardings: Any, tx: optax.GradientTrans
     """
     plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     shardings, _ = state_shardings_for(param_shardings, plain, tx, trainable_parts, mesh)
-
-    def build(params, rng):
-        trainable, frozen = split_params(params, trainable_parts)
-        if trainable_dtype is not None:
-            trainable = _cast_floats(trainable, trainable_dtype)
-        if frozen_dtype is not None:
-            frozen = _cast_floats(frozen, frozen_dtype)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable),
-            rng=rng, dropped_lm=jnp.zeros((), jnp.int32), dropped_vm=jnp.zeros((), jnp.int32),
-            skipped_updates=jnp.zeros((), jnp.int32),
-        )
-
+    build = functools.partial(init_state, tx=tx, trainable_parts=trainable_parts, frozen_dtype=frozen_dtype,
+                              trainable_dtype=trainable_dtype)
     with mesh:
         state = jax.jit(build, out_shardings=shardings, donate_argnums=0)(params, rng)
     return state, shardings
+
+
+def init_state(params: Any, rng: jax.Array, *, tx: optax.GradientTransformation, trainable_parts,
+               frozen_dtype=None, trainable_dtype=None) -> TrainState:
+    """The step-0 train state around `params` (traceable: `state_from_params` jits it, `dreamjax aot` traces it
+    abstractly with `jax.eval_shape`)."""
+    trainable, frozen = split_params(params, trainable_parts)
+    if trainable_dtype is not None:
+        trainable = _cast_floats(trainable, trainable_dtype)
+    if frozen_dtype is not None:
+        frozen = _cast_floats(frozen, frozen_dtype)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable),
+        rng=rng, dropped_lm=jnp.zeros((), jnp.int32), dropped_vm=jnp.zeros((), jnp.int32),
+        skipped_updates=jnp.zeros((), jnp.int32),
+    )
 
 
 def create_state(init_fn, tx: optax.GradientTransformation, trainable_parts, mesh: Mesh, rules: Rules,
