@@ -160,7 +160,8 @@ def main(argv=None) -> int:
         print(f"{sampler}: diffusers {med['diffusers']:8.1f} ms, dreamjax {med['dreamjax']:8.1f} ms (median; best "
               f"{best['diffusers']:.1f} / {best['dreamjax']:.1f}); speed-up {med['diffusers'] / med['dreamjax']:.2f}x "
               f"median, {best['diffusers'] / best['dreamjax']:.2f}x best reps (goal >= 1.4x); images max rel err "
-              f"{err:.1e}; dreamjax first call {compile_s:.1f}s")
+              f"{'n/a (per-step noise differs)' if np.isnan(err) else f'{err:.1e}'}; dreamjax first call "
+              f"{compile_s:.1f}s")
     print(f"load average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
     return 0
 
