@@ -62,6 +62,9 @@ def base_config() -> ConfigDict:
         learning_rate=2e-5, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0, grad_accum_steps=1,
         precision="bf16",  # "fp32" | "bf16" (fp32 master, bf16 compute) | "pure_bf16" (upstream)
         condition_dropout=0.0, noise_draws=1, log_every=10, checkpoint_every=1000, keep_checkpoints=3,
+        # Output images the VAE + UNet process per data shard per (micro-)step (None: every slot, present or
+        # not); present images beyond it are dropped from the loss and logged as `images_over_budget`.
+        image_budget=None,
         # Every `sample_every` steps (0: never) images of `sample_prompts` from the current params go to
         # TensorBoard, with `sample`'s settings but at most 25 steps (dreamjax/train/loop.py `_SampleLogger`).
         sample_every=0, sample_prompts=["a photo of a dog on the beach", "a red car parked in the street",

@@ -13,13 +13,17 @@ FLOP counting (all per training step, whole job):
 - LLM: 6 N T for trainable weights (forward 2 N T, backward 4 N T), 4 N T when the LLM is frozen but
   gradients still flow through it to the dream queries (stage I); N excludes the input embedding (a
   lookup); attention 12 L T S d (QK^T and AV, forward and backward, full S x S as the kernels compute it).
-- CLIP: frozen and upstream of the trainable projector, forward only: 2 N P + 4 L P^2 d per image (P patches).
+- CLIP: frozen and upstream of the trainable projector, forward only: 2 N P + 4 L P^2 d per image (P patches);
+  three times that when it trains (the demo stage trains every part).
 - UNet and VAE: their forward FLOPs for one image are counted once by XLA's cost analysis of the unsharded
   forward on the host (convolutions make a closed form long); the UNet runs forward and backward (the
   gradient reaches the condition through every cross-attention), about 2x its forward, on every
-  output-image slot and noise draw; the VAE encoder forward once per slot.
-The compiled count is larger by what remat recomputes (the 7B configs use `nothing_saveable`: one more LLM
-forward, so about 8/6 of the analytic LLM FLOPs).
+  output-image slot and noise draw (3x when the UNet trains); the VAE encoder forward once per slot (3x when
+  trained).
+XLA's count is taken from the step with its loops written out (layers unrolled, micro-batches merged: XLA's cost
+analysis counts a loop body once), lowered but not compiled; it is larger than the analytic count by what remat
+recomputes (the 7B configs use `nothing_saveable`: one more LLM forward, so about 8/6 of the LLM's FLOPs). Memory
+comes from the compiled real step.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from dreamjax.run.model import build_model, build_tokenizer, precision, resolve_
 from dreamjax.train.optimizer import make_optimizer
 from dreamjax.train.stages import get_stage
 from dreamjax.train.state import init_state, state_shardings_for
-from dreamjax.train.step import BATCH_NDIM, StepConfig, make_train_step
+from dreamjax.train.step import BATCH_NDIM, StepConfig, image_budget, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +193,16 @@ def analytic_flops(model: DreamLLM, abstract_params: dict, config: ConfigDict, t
         v = cfg.vision
         patches = (v.image_size // v.patch_size) ** 2 + 1
         images = b * int(d.max_images_in)
-        out["clip"] = images * (2 * _size(abstract_params["vision"]) * patches
-                                + 4 * v.num_layers * patches**2 * v.hidden_size)
+        passes = 3 if "vision" in trainable else 1  # trained (the demo stage): forward + backward
+        out["clip"] = passes * images * (2 * _size(abstract_params["vision"]) * patches
+                                         + 4 * v.num_layers * patches**2 * v.hidden_size)
     if cfg.unet is not None:
         slots = b * int(d.max_images_out)
         unet_fwd = _unet_forward_flops(model, abstract_params)
-        out["unet"] = 2 * unet_fwd * slots * noise_draws
+        out["unet"] = (3 if "unet" in trainable else 2) * unet_fwd * slots * noise_draws
         if cfg.vae is not None:
-            out["vae_encode"] = _vae_encode_flops(model, abstract_params, int(d.resolution_out)) * slots
+            passes = 3 if "vae" in trainable else 1
+            out["vae_encode"] = passes * _vae_encode_flops(model, abstract_params, int(d.resolution_out)) * slots
     return out
 
 
@@ -224,9 +230,9 @@ class AotReport:
     topology: Topology
     mesh: str
     memory: dict[str, float]  # bytes per chip: arguments, outputs, aliased, temporaries, code, peak
-    compiled_flops: float  # whole job, per step
+    compiled_flops: float  # whole job, per step: XLA's count of the step with its loops unrolled
     analytic: dict[str, float]  # whole job, per step, by part
-    optimal_seconds: float | None  # the TPU cost model's roofline time for one step (a lower bound)
+    optimal_seconds: float | None  # the TPU cost model's roofline time for one step, loops scaled in
     parameters: int
 
     @property
@@ -258,7 +264,8 @@ class AotReport:
                "memory per chip (GiB): " + ", ".join(f"{k} {m[k] / g:.2f}" for k in
                                                     ("arguments", "outputs", "aliased", "temporaries", "code",
                                                      "peak")),
-               f"compiled FLOPs per step {self.compiled_flops:.4g} (all chips)",
+               f"XLA FLOPs per step {self.compiled_flops:.4g} (all chips; the step's HLO with layers unrolled and "
+               f"micro-batches merged, remat recomputation included)",
                "analytic FLOPs per step " + f"{self.analytic_flops:.4g} = " +
                " + ".join(f"{k} {v:.3g}" for k, v in self.analytic.items()),
                f"estimated step time {self.step_seconds():.2f} s ("
@@ -296,23 +303,11 @@ def _memory(compiled) -> dict[str, float]:
     return {k: float(v) for k, v in mem.items()}
 
 
-def compile_for_topology(config: ConfigDict, topology: str) -> AotReport:
-    """Lower and compile `dreamjax train`'s step for `topology` over abstract values; nothing is allocated."""
-    topo = parse_topology(topology)
-    devices = topology_devices(topo)
-    config = resolve_config(config)
-    m = config.mesh
-    if m.get("preset") and m.preset != topo.name:
-        log.info("config.mesh.preset %s replaced by the topology %s", m.preset, topo.name)
-    ici = {k: topo.preset.ici[k] if m.get(k) is None else int(m[k]) for k in MESH_AXES}
-    dcn = m.get("dcn") if m.get("dcn") is not None else topo.preset.dcn
-    mesh = make_mesh(ici, dcn, devices=devices)
-    rules = rules_from_config(m.get("rules") if m.get("rules") is not None else topo.preset.rules)
-
-    model, schedule = build_model(config, _tokenizer(config))
+def _lower_step(config: ConfigDict, tokenizer, mesh, rules):
+    """(lowered step, model, plain abstract params, stage, step config) of `dreamjax train`'s step, abstractly."""
+    model, schedule = build_model(config, tokenizer)
     stage = get_stage(config.train.stage, config.train.trainable, config.train.loss_weights)
-    steps = int(config.train.steps)
-    tx, _ = make_optimizer(learning_rate=float(config.train.learning_rate), total_steps=steps,
+    tx, _ = make_optimizer(learning_rate=float(config.train.learning_rate), total_steps=int(config.train.steps),
                            warmup_steps=int(config.train.warmup_steps), weight_decay=float(config.train.weight_decay),
                            grad_clip_norm=config.train.grad_clip_norm)
     boxed = jax.eval_shape(lambda k: init_params(model, k), jax.random.key(0))
@@ -328,23 +323,63 @@ def compile_for_topology(config: ConfigDict, topology: str) -> AotReport:
     abstract_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                   abstract_state, state_sh)
     step_cfg = StepConfig(stage.loss_weight_lm, stage.loss_weight_vm, int(config.train.grad_accum_steps),
-                          float(config.train.condition_dropout), int(config.train.noise_draws))
+                          float(config.train.condition_dropout), int(config.train.noise_draws),
+                          image_budget=image_budget(config))
     step_fn = make_train_step(model, tx, schedule, step_cfg, mesh, rules, state_sh)
-    batch = _abstract_batch(config, model, mesh, rules)
-    log.info("compiling the train step for %s (mesh %s)", topo.name, describe(mesh))
     with mesh:
-        lowered = step_fn.lower(abstract_state, batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            raise DoesNotFit.from_error(e, topo, describe(mesh)) from None
+        lowered = step_fn.lower(abstract_state, _abstract_batch(config, model, mesh, rules))
+    return lowered, model, plain, stage, step_cfg
+
+
+def _flops(cost) -> float:
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    return float(cost.get("flops", float("nan")))
+
+
+def _unrolled(config: ConfigDict) -> ConfigDict:
+    """The same step with its loops written out: layers unrolled, micro-batches merged (the same work: the
+    accumulation sums the same global batch). XLA's cost analysis counts a loop body once, so this is the
+    program whose count is the step's."""
+    c = ConfigDict(config.to_dict())
+    for tower in ("llm", "vision"):
+        if c.model.get(tower) is not None:
+            c.model[tower].scan_layers = False
+    c.train.grad_accum_steps = 1
+    return c
+
+
+def compile_for_topology(config: ConfigDict, topology: str) -> AotReport:
+    """Lower and compile `dreamjax train`'s step for `topology` over abstract values; nothing is allocated."""
+    topo = parse_topology(topology)
+    devices = topology_devices(topo)
+    config = resolve_config(config)
+    m = config.mesh
+    if m.get("preset") and m.preset != topo.name:
+        log.info("config.mesh.preset %s replaced by the topology %s", m.preset, topo.name)
+    ici = {k: topo.preset.ici[k] if m.get(k) is None else int(m[k]) for k in MESH_AXES}
+    dcn = m.get("dcn") if m.get("dcn") is not None else topo.preset.dcn
+    mesh = make_mesh(ici, dcn, devices=devices)
+    rules = rules_from_config(m.get("rules") if m.get("rules") is not None else topo.preset.rules)
+    tokenizer = _tokenizer(config)
+
+    lowered, model, plain, stage, step_cfg = _lower_step(config, tokenizer, mesh, rules)
+    log.info("compiling the train step for %s (mesh %s)", topo.name, describe(mesh))
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        raise DoesNotFit.from_error(e, topo, describe(mesh)) from None
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    per_chip = float(cost.get("flops", float("nan")))
+    loop_counted = _flops(cost) * topo.chips  # per-chip program, loop bodies counted once
+    # the whole job's count: the unrolled step lowered for one host CPU device (lowerings for the TPU
+    # topology have no cost analysis before compiling; the count does not depend on the partitioning)
+    host = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices("cpu")[:1])
+    whole = _flops(_lower_step(_unrolled(config), tokenizer, host, rules)[0].cost_analysis())
     optimal = cost.get("optimal_seconds")
+    # The cost model's roofline time has the same loops counted once: scale it by the FLOPs it missed.
+    step_s = float(optimal) * whole / loop_counted if optimal and loop_counted > 0 else None
     analytic = analytic_flops(model, plain, config, stage.trainable, step_cfg.noise_draws)
-    return AotReport(topo, describe(mesh), _memory(compiled), per_chip * topo.chips, analytic,
-                     float(optimal) if optimal else None, _size(plain))
+    return AotReport(topo, describe(mesh), _memory(compiled), whole, analytic, step_s, _size(plain))
 
 
 class DoesNotFit(Exception):

@@ -37,7 +37,7 @@ from dreamjax.train.metrics import MetricsWriter, Progress, compiled_flops, mfu,
 from dreamjax.train.optimizer import make_optimizer
 from dreamjax.train.stages import check_model_parts, get_stage
 from dreamjax.train.state import state_from_params, state_shardings_for
-from dreamjax.train.step import StepConfig, make_train_step, shard_batch
+from dreamjax.train.step import StepConfig, image_budget, make_train_step, shard_batch
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool = True, sampler: S
     step_fn = make_train_step(
         run.model, tx, run.schedule,
         StepConfig(stage.loss_weight_lm, stage.loss_weight_vm, accum, float(config.train.condition_dropout),
-                   int(config.train.noise_draws)),
+                   int(config.train.noise_draws), image_budget=image_budget(config)),
         mesh, rules, shardings,
     )
     stop = {"signal": None}

@@ -117,6 +117,111 @@ def score_distillation_loss(model: DreamLLM, params: Any, images_out: jax.Array,
     return jnp.sum(jnp.where(mask, mse, 0.0))
 
 
+# ----------------------------------------------------------------------------- per-slot, with an image budget
+
+
+def slot_keys(keys: jax.Array, num_slots: int) -> jax.Array:
+    """keys [B] -> [B, No]: slot j of example i draws from `fold_in(keys[i], j)`.
+
+    Keyed by the slot, not by the example, so a slot's draws do not depend on which other slots are
+    processed with it (the image budget picks a data-dependent subset).
+    """
+    slots = jnp.arange(num_slots)
+    return jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, slots))(keys)
+
+
+def slot_mse(model: DreamLLM, params: Any, images: jax.Array, condition: jax.Array, keys: jax.Array,
+             schedule: Schedule, *, noise_draws: int = 1, condition_dropout: float = 0.0) -> jax.Array:
+    """The score-distillation MSE of each image on its own key: images [N, R, R, 3] (absent ones zeroed),
+    condition [N, Q, C], keys [N] -> [N] fp32 (mean over the image's `noise_draws` draws).
+
+    The same recipe as `score_distillation_loss`, but every draw (latent sample, eps, t, dropout) comes from
+    the slot's key, which makes it the shared core of the budgeted loss and its reference.
+    """
+    n, k = images.shape[0], noise_draws
+
+    def draw(key, image):  # one slot: image [R, R, 3]
+        k_lat, k_noise, k_t, k_drop = jax.random.split(key, 4)
+        latent = model.apply({"params": params}, image[None], k_lat, method=DreamLLM.to_latents)[0]
+        noise = jax.random.normal(k_noise, (k,) + latent.shape, jnp.float32).astype(latent.dtype)
+        t = jax.random.randint(k_t, (k,), 0, schedule.num_train_timesteps)
+        drop = jax.random.bernoulli(k_drop, condition_dropout, (k,))
+        return latent, noise, t, drop
+
+    latents, noise, t, drop = jax.vmap(draw)(keys, images)  # [N, ...], [N, K, ...], [N, K] x2
+    latents = jnp.broadcast_to(latents[:, None], noise.shape)  # each image noised K times
+    cond = jnp.broadcast_to(condition[:, None], (n, k) + condition.shape[1:])  # [N, K, Q, C]
+    if condition_dropout > 0:
+        uncond = unconditional_condition(model, params)  # [Q, C]
+        cond = jnp.where(drop[..., None, None], uncond.astype(cond.dtype), cond)
+
+    flat = lambda x: x.reshape((n * k,) + x.shape[2:])  # [N, K, ...] -> [N * K, ...]
+    latents, noise, t, cond = flat(latents), flat(noise), flat(t), flat(cond)
+    pred = model.apply({"params": params}, add_noise(schedule, latents, noise, t), t, cond,
+                       method=DreamLLM.denoise)
+    target = training_target(schedule, latents, noise, t)
+    err = optax.squared_error(pred.astype(jnp.float32), target.astype(jnp.float32))  # upstream: .float()
+    return err.mean(axis=tuple(range(1, err.ndim))).reshape(n, k).mean(axis=1)
+
+
+def shard_rows(x: jax.Array, shards: int) -> jax.Array:
+    """[B, No, ...] -> [S, B * No / S, ...]: row s holds data shard s's slots.
+
+    The batch is sharded over its leading axis in S contiguous blocks, so this reshape keeps data local.
+    """
+    b = x.shape[0]
+    if b % shards:
+        raise ValueError(f"the (micro-)batch of {b} examples does not split into {shards} data shards")
+    return x.reshape((shards, -1) + x.shape[2:])
+
+
+def budget_picks(mask: jax.Array, shards: int, budget: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The slots the diffusion side processes: in each data shard, its first `budget` present images.
+
+    mask [B, No] -> (slot indices within the shard's row [S, budget'], pick is present [S, budget'],
+    number of present images beyond the budget (int32 scalar)), budget' = min(budget, B * No / S).
+    A stable sort keeps the slot order, so which images fit does not depend on the backend.
+    """
+    rows = shard_rows(mask, shards)
+    idx = jnp.argsort(~rows, axis=1, stable=True)[:, :budget]
+    picked = jnp.take_along_axis(rows, idx, axis=1)
+    return idx, picked, images_over_budget(mask, shards, budget)
+
+
+def images_over_budget(mask: jax.Array, shards: int, budget: int) -> jax.Array:
+    """Present images that do not fit in their shard's budget: dropped from the loss, counted for the log."""
+    return jnp.maximum(shard_rows(mask, shards).sum(axis=1, dtype=jnp.int32) - budget, 0).sum()
+
+
+def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [S, M, ...], idx [S, P] -> [S, P, ...]: a gather within each shard's row (no cross-shard traffic)."""
+    return jax.vmap(lambda r, i: jnp.take(r, i, axis=0))(x, idx)
+
+
+def budgeted_score_distillation_loss(model: DreamLLM, params: Any, images_out: jax.Array, condition: jax.Array,
+                                     data_mask: jax.Array, present: jax.Array, keys: jax.Array,
+                                     schedule: Schedule, *, shards: int, budget: int, noise_draws: int = 1,
+                                     condition_dropout: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """`score_distillation_loss` on at most `budget` output images per data shard, with per-slot keys.
+
+    The VAE and the UNet run on S * budget images instead of every slot [B, No]: absent slots cost nothing
+    beyond the padding of a shard with fewer images than its budget. The budget picks on `data_mask`
+    (images_out_mask, which the step can count up front for the divisor); `present` (the model saw the
+    image's dream queries) only masks the loss, as in the unbudgeted path.
+
+    keys [B]: the examples' keys (`example_keys`); slot j draws from `fold_in(keys[i], j)` (`slot_keys`).
+    Returns (sum of the used images' losses, present images over the budget).
+    """
+    no = data_mask.shape[1]
+    idx, picked, over = budget_picks(data_mask, shards, budget)
+    take = lambda x: gather_rows(shard_rows(x, shards), idx).reshape((-1,) + x.shape[2:])  # -> [S * P, ...]
+    use = take(data_mask & present) & picked.reshape(-1)
+    images = zero_absent(take(images_out), use)
+    mse = slot_mse(model, params, images, take(condition), take(slot_keys(keys, no)), schedule,
+                   noise_draws=noise_draws, condition_dropout=condition_dropout)
+    return jnp.sum(jnp.where(use, mse, 0.0)), over
+
+
 # ----------------------------------------------------------------------------- combining the terms
 
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from dreamjax.diffusion.schedule import Schedule
 from dreamjax.models.dreamllm import DreamLLM
-from dreamjax.parallel.sharding import Rules, batch_sharding
+from dreamjax.parallel.sharding import Rules, batch_sharding, data_parallel_size
 from dreamjax.train import losses
 from dreamjax.train.stages import merge_params
 from dreamjax.train.state import TrainState
@@ -41,6 +41,12 @@ class StepConfig:
     # Noise draws (t, eps) per output image; the image's MSE is their mean. Upstream uses 1; more draws
     # give the diffusion model more signal per LLM forward (the tiny demo uses several).
     noise_draws: int = 1
+    # Output images the VAE and UNet process per data shard per (micro-)step (None: every slot [B, No],
+    # present or not). Present images beyond it are dropped from the loss and logged as
+    # `images_over_budget`; with a budget each slot draws from its own key (`losses.slot_keys`).
+    image_budget: int | None = None
+    # How many ways the batch axis is sharded; `make_train_step` sets it from the mesh.
+    data_shards: int = 1
 
     @property
     def uses_lm(self) -> bool:
@@ -53,10 +59,11 @@ class StepConfig:
 
 def loss_terms(model: DreamLLM, params: Any, batch: dict, rng: jax.Array, schedule: Schedule,
                cfg: StepConfig, rows: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Sums (not means) of both loss terms over this (micro-)batch: {"ce_sum", "mse_sum"}.
+    """Sums (not means) of both loss terms over this (micro-)batch: {"ce_sum", "mse_sum", "images_over_budget"}.
 
     rng: the step's key. rows [b]: the rows of `batch` in the global batch (default: `batch` is the global
-    batch); example i draws its diffusion randomness from `fold_in(rng, rows[i])`.
+    batch); example i draws its diffusion randomness from `fold_in(rng, rows[i])` (with an image budget, its
+    slot j from `fold_in(fold_in(rng, rows[i]), j)`).
     """
     max_out = batch["images_out"].shape[1] if cfg.uses_vm else 0
     images_in = losses.zero_absent(batch["images_in"], batch["images_in_mask"])
@@ -65,16 +72,24 @@ def loss_terms(model: DreamLLM, params: Any, batch: dict, rng: jax.Array, schedu
         images_in, batch["images_in_mask"], max_images_out=max_out,
     )
     ce_sum, _ = losses.lm_loss_sum(logits, batch["labels"])
+    none_over = jnp.zeros((), jnp.int32)
     if not cfg.uses_vm:
-        return {"ce_sum": ce_sum, "mse_sum": jnp.zeros((), jnp.float32)}
+        return {"ce_sum": ce_sum, "mse_sum": jnp.zeros((), jnp.float32), "images_over_budget": none_over}
     if rows is None:
         rows = jnp.arange(batch["tokens"].shape[0])
+    keys = losses.example_keys(rng, rows)
+    if cfg.image_budget is not None:
+        mse_sum, over = losses.budgeted_score_distillation_loss(
+            model, params, batch["images_out"], cond, batch["images_out_mask"], present, keys, schedule,
+            shards=cfg.data_shards, budget=cfg.image_budget, noise_draws=cfg.noise_draws,
+            condition_dropout=cfg.condition_dropout,
+        )
+        return {"ce_sum": ce_sum, "mse_sum": mse_sum, "images_over_budget": over}
     mse_sum = losses.score_distillation_loss(
         model, params, batch["images_out"], cond, batch["images_out_mask"] & present,
-        losses.example_keys(rng, rows), schedule, noise_draws=cfg.noise_draws,
-        condition_dropout=cfg.condition_dropout,
+        keys, schedule, noise_draws=cfg.noise_draws, condition_dropout=cfg.condition_dropout,
     )
-    return {"ce_sum": ce_sum, "mse_sum": mse_sum}
+    return {"ce_sum": ce_sum, "mse_sum": mse_sum, "images_over_budget": none_over}
 
 
 def _micro_batches(tree: Any, n: int) -> Any:
@@ -84,9 +99,30 @@ def _micro_batches(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda v: jnp.swapaxes(v.reshape((v.shape[0] // n, n) + v.shape[1:]), 0, 1), tree)
 
 
+def images_over_budget(mask: jax.Array, cfg: StepConfig) -> jax.Array:
+    """Present output images of the global batch `mask` [B, No] that miss their shard's budget, summed
+    over the micro-batches (the budget applies per micro-step). Known before the loss, so the vm term can
+    be divided by the images it actually uses."""
+    if cfg.image_budget is None or not cfg.uses_vm:
+        return jnp.zeros((), jnp.int32)
+    micro = _micro_batches(mask, cfg.grad_accum_steps)  # [A, B / A, No]
+    return jax.vmap(lambda m: losses.images_over_budget(m, cfg.data_shards, cfg.image_budget))(micro).sum()
+
+
+def image_budget(config) -> int | None:
+    """`config.train.image_budget` checked: None (every output-image slot) or a positive int."""
+    budget = config.train.get("image_budget")
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"config.train.image_budget must be None or a positive int, got {budget!r}")
+    return budget
+
+
 def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule: Schedule, cfg: StepConfig,
                     mesh: Mesh, rules: Rules, state_shardings: TrainState):
     """A jitted `train_step(state, batch) -> (state, metrics)` with the state donated."""
+    cfg = dataclasses.replace(cfg, data_shards=data_parallel_size(mesh, rules))
 
     def objective(trainable, frozen, micro, rows, rng, n_tokens, n_images):
         params = merge_params(trainable, frozen)
@@ -103,9 +139,11 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
         n_tokens = losses.num_lm_targets(batch["labels"])
+        over = images_over_budget(batch["images_out_mask"], cfg)
         n_images = jnp.sum(batch["images_out_mask"]).astype(jnp.float32)
+        n_used = n_images - over.astype(jnp.float32)  # == n_images without a budget
         rows = jnp.arange(batch["tokens"].shape[0])  # global row indices (jit sees the global batch)
-        args = lambda mb, mb_rows: (state.trainable, state.frozen, mb, mb_rows, step_rng, n_tokens, n_images)
+        args = lambda mb, mb_rows: (state.trainable, state.frozen, mb, mb_rows, step_rng, n_tokens, n_used)
         a = cfg.grad_accum_steps
         if a == 1:
             (loss, aux), grads = grad_fn(*args(batch, rows))
@@ -143,7 +181,7 @@ def make_train_step(model: DreamLLM, tx: optax.GradientTransformation, schedule:
         )
         metrics = {
             "loss": loss, "lm_loss": aux["lm_loss"], "vm_loss": aux["vm_loss"], "grad_norm": grad_norm,
-            "lm_targets": n_tokens, "images_out": n_images,
+            "lm_targets": n_tokens, "images_out": n_images, "images_over_budget": over,
             "dropped_lm": new_state.dropped_lm, "dropped_vm": new_state.dropped_vm,
             "skipped_updates": new_state.skipped_updates,
         }
