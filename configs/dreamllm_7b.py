@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.stage = stage
     c.train.steps = steps
     c.train.global_batch_size = 2048
+    # Upstream's global batch in 32 micro-batches (64 sequences: one per chip of a v5p-128). `dreamjax aot`: the
+    # whole step in one pass needs 512 GiB of temporaries per chip, 8 micro-batches 88 GiB, 32 micro-batches 27 GiB
+    # of the v5p's 95 (README "Pods").
+    c.train.grad_accum_steps = 32
     c.train.learning_rate = lr
     c.train.warmup_steps = max(1, round(3e-3 * steps))  # upstream warmup_ratio 3e-3, then cosine
     c.train.weight_decay = 0.0
