@@ -280,13 +280,15 @@ def _torch_name_for(flax_path: str, rules: Sequence[Rule]) -> str:
     return flax_path
 
 
-def flax_to_torch(params: Mapping[str, Any], rules: Sequence[Rule], *, what: str = "params") -> dict[str, np.ndarray]:
-    """Inverse of `torch_to_flax`: a nested Flax dict -> {torch key: numpy array (torch layout)}."""
+def plan_paths(shapes: Mapping[str, tuple[int, ...]], rules: Sequence[Rule], *,
+               what: str = "params") -> dict[str, tuple[Rule, tuple[str, ...]]]:
+    """Which torch keys each Flax parameter becomes, from names and shapes alone (nothing is read):
+    {flax path: (rule, torch keys)}, in path order; a stacked (scanned) parameter makes one key per layer.
+    A path no rule maps raises, naming it. The inverse of `plan_keys`."""
     compiled = [(r, _template_regex(r.flax, "/")) for r in rules]
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[Rule, tuple[str, ...]]] = {}
     unmapped = []
-    for path, value in flatten(params).items():
-        arr = np.asarray(value)
+    for path in sorted(shapes):
         for rule, rx in compiled:
             m = rx.match(path)
             if m is None:
@@ -294,15 +296,28 @@ def flax_to_torch(params: Mapping[str, Any], rules: Sequence[Rule], *, what: str
             groups = {k: int(v) for k, v in m.groupdict().items()}
             sv = rule.stacked_var
             if sv is None:
-                out[rule.torch.format(**groups)] = _to_torch_layout(arr, rule.kind)
+                out[path] = (rule, (rule.torch.format(**groups),))
             else:
-                for i in range(arr.shape[0]):
-                    out[rule.torch.format(**groups, **{sv: i})] = _to_torch_layout(arr[i], rule.kind)
+                out[path] = (rule, tuple(rule.torch.format(**groups, **{sv: i}) for i in range(shapes[path][0])))
             break
         else:
             unmapped.append(path)
     if unmapped:
         raise ConversionError(f"{what}: no rule maps these Flax parameters: {_fmt_keys(unmapped)}")
+    return out
+
+
+def flax_to_torch(params: Mapping[str, Any], rules: Sequence[Rule], *, what: str = "params") -> dict[str, np.ndarray]:
+    """Inverse of `torch_to_flax`: a nested Flax dict -> {torch key: numpy array (torch layout)}."""
+    flat = flatten(params)
+    out: dict[str, np.ndarray] = {}
+    for path, (rule, keys) in plan_paths({p: np.shape(v) for p, v in flat.items()}, rules, what=what).items():
+        arr = np.asarray(flat[path])
+        if rule.stacked_var is None:
+            out[keys[0]] = _to_torch_layout(arr, rule.kind)
+        else:
+            for i, key in enumerate(keys):
+                out[key] = _to_torch_layout(arr[i], rule.kind)
     return out
 
 

@@ -25,11 +25,10 @@ import numpy as np
 from dreamjax.convert.core import (
     ConversionError,
     Rule,
-    _fmt_keys,
-    _template_regex,
     _to_torch_layout,
     flatten,
     flax_shape,
+    plan_paths,
     to_torch,
     torch_shape,
 )
@@ -130,27 +129,13 @@ def plan_export(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], rules: Se
                 what: str = "params") -> list[ExportLeaf]:
     """Every leaf of `specs` ({flax path: (shape, dtype)}) with the torch tensors it becomes, in path
     order. A leaf no rule maps raises, naming it."""
-    compiled = [(r, _template_regex(r.flax, "/")) for r in rules]
-    out, unmapped = [], []
-    for path in sorted(specs):
+    plan = plan_paths({p: tuple(shape) for p, (shape, _) in specs.items()}, rules, what=what)
+    out = []
+    for path, (rule, keys) in plan.items():
         shape, dtype = specs[path]
-        for rule, rx in compiled:
-            m = rx.match(path)
-            if m is None:
-                continue
-            groups = {k: int(v) for k, v in m.groupdict().items()}
-            sv = rule.stacked_var
-            if sv is None:
-                keys, inner = (rule.torch.format(**groups),), tuple(shape)
-            else:
-                keys, inner = tuple(rule.torch.format(**groups, **{sv: i}) for i in range(shape[0])), tuple(shape[1:])
-            out.append(ExportLeaf(path, rule.kind, keys, sv is not None, torch_shape(inner, rule.kind),
-                                  np.dtype(dtype)))
-            break
-        else:
-            unmapped.append(path)
-    if unmapped:
-        raise ConversionError(f"{what}: no rule maps these parameters: {_fmt_keys(unmapped)}")
+        stacked = rule.stacked_var is not None
+        inner = tuple(shape[1:]) if stacked else tuple(shape)
+        out.append(ExportLeaf(path, rule.kind, keys, stacked, torch_shape(inner, rule.kind), np.dtype(dtype)))
     return out
 
 
