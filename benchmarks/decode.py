@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from benchmarks.run_all import interleaved  # noqa: E402
+from benchmarks.run_all import interleaved, torch_uses_every_core  # noqa: E402
 from dreamjax.convert import hf  # noqa: E402
 from dreamjax.infer.decode import generate_text  # noqa: E402
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params  # noqa: E402
@@ -79,8 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
     size = SIZES["tiny" if args.tiny else args.size]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
+    cores = torch_uses_every_core()
     load_before = os.getloadavg()[0]
     print(f"decode benchmark: jax {jax.__version__}, torch {torch.__version__} ({cores} threads), transformers "
           f"{transformers.__version__}; load average (1 min) before: {load_before:.2f}", flush=True)

@@ -80,6 +80,13 @@ def grads_max_rel_err(actual, expected, floor: float = 1e-3) -> float:
     return worst
 
 
+def torch_uses_every_core() -> int:
+    """Give PyTorch as many threads as this process may use cores (XLA's pool takes them all too); returns it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
+
+
 def interleaved(fns: dict[str, Callable[[], object]], reps: int | None, budget_s: float,
                 round_s: float) -> dict[str, list[float]]:
     """Rounds of one call of each fn (order alternating every round); returns wall times in ms.
@@ -248,8 +255,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
+    cores = torch_uses_every_core()
     reps = args.reps or (QUICK_REPS if args.quick else None)
     size = "tiny" if args.tiny else "default"
     print(f"dreamjax benchmarks: jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind}), "

@@ -221,26 +221,11 @@ def parse_size(text: str) -> int:
         raise ValueError(f"--max-shard-size {text!r} is not a size such as 5GB, 500MB or 2GiB") from None
 
 
-@contextlib.contextmanager
-def _one_line_errors():
-    """Messages from libraries (transformers' tokenizer loading, say) may span lines: keep the error one line."""
-    try:
-        yield
-    except USER_ERRORS as e:
-        text = " ".join(str(e).split())
-        try:
-            error = type(e)(text)
-        except Exception:  # noqa: BLE001 - an exception type with another constructor
-            error = ValueError(text)
-        raise error from None
-
-
 def cmd_import(args, extra) -> int:
     from dreamjax.run.interop import import_checkpoint
 
     base = load_config(args.config, extra) if args.config else _base_config(extra)
-    with _one_line_errors():
-        summary = import_checkpoint(args.format, args.src, args.out, base, seed=args.seed)
+    summary = import_checkpoint(args.format, args.src, args.out, base, seed=args.seed)
     print(f"imported {summary['format']} ({summary['parameters']:,} parameters: {', '.join(summary['parts'])}; "
           f"precision {summary['precision']}) into {summary['out']}")
     return 0
@@ -251,9 +236,8 @@ def cmd_export(args, extra) -> int:
 
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-    with _one_line_errors():
-        result = export_checkpoint(args.format, args.checkpoint, args.out, step=args.step,
-                                   max_shard_bytes=parse_size(args.max_shard_size))
+    result = export_checkpoint(args.format, args.checkpoint, args.out, step=args.step,
+                               max_shard_bytes=parse_size(args.max_shard_size))
     for note in result["notes"]:
         print(f"left out {note}")
     print(f"exported step {result['step']} as {result['format']} into {result['out']}")
@@ -366,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("DREAMJAX_DEBUG"):
             raise
-        print(f"dreamjax {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        # one line whatever the message: a library's (transformers' tokenizer loading, say) may span several
+        print(f"dreamjax {args.command}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -46,6 +46,7 @@ from dreamjax.parallel import presets
 from dreamjax.parallel.mesh import MESH_AXES, describe, make_mesh
 from dreamjax.parallel.sharding import batch_sharding, logical_sharding, rules_from_config
 from dreamjax.run.model import build_model, build_tokenizer, precision, resolve_config
+from dreamjax.train.metrics import spec_peak_flops
 from dreamjax.train.optimizer import make_optimizer
 from dreamjax.train.stages import get_stage
 from dreamjax.train.state import init_state, state_shardings_for
@@ -55,8 +56,7 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 
-# Peak dense bf16 FLOP/s per chip, from Cloud TPU's published system specifications.
-PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12, "v6e": 918e12}
+TPU_GENERATIONS = ("v4", "v5p", "v5e", "v6e")  # their peak FLOP/s: `metrics.PEAK_FLOPS` (the spec sheets)
 # Chips of a slice -> its physical shape. v4 / v5p: 3-D tori (slice names count TensorCores, two per chip);
 # v5e / v6e: 2-D (slice names count chips).
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -84,14 +84,14 @@ class Topology:
 
     @property
     def peak_flops(self) -> float:
-        return PEAK_FLOPS[self.generation]
+        return spec_peak_flops(self.generation)
 
 
 def parse_topology(name: str) -> Topology:
     """A Cloud TPU slice name (v4-N, v5p-N count TensorCores; v5e-N, v6e-N chips; 2xv5p-128 for two slices)."""
     p = presets.preset(name)  # validates the name, knows chips and slices
     gen = name.split("x", 1)[1].split("-")[0] if name[0].isdigit() else name.split("-")[0]
-    if gen not in PEAK_FLOPS:
+    if gen not in TPU_GENERATIONS:
         raise ValueError(f"--topology {name!r} is not a TPU slice (GPU presets cannot be compiled here); use e.g. "
                          f"v5p-128, v5e-256, v4-256 or 2xv5p-128")
     per_slice = p.chips // p.slices

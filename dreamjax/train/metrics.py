@@ -131,11 +131,16 @@ def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float | Non
     device = device or jax.local_devices()[0]
     if device.platform == "cpu":
         return measured_cpu_matmul_flops() / jax.local_device_count(), MEASURED_CPU
-    kind = device.device_kind.lower()
-    for pattern, flops in PEAK_FLOPS:
-        if pattern in kind:
-            return flops, f"spec_sheet_bf16:{device.device_kind}"
+    flops = spec_peak_flops(device.device_kind)
+    if flops is not None:
+        return flops, f"spec_sheet_bf16:{device.device_kind}"
     return None, f"unknown device kind {device.device_kind!r}"
+
+
+def spec_peak_flops(kind: str) -> float | None:
+    """The spec-sheet dense bf16 FLOP/s of a device kind ("TPU v5 lite") or TPU generation ("v5e"), else None."""
+    kind = kind.lower()
+    return next((flops for pattern, flops in PEAK_FLOPS if pattern in kind), None)
 
 
 @functools.cache
