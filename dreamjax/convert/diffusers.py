@@ -225,7 +225,7 @@ def load_diffusers_unet(path: str | os.PathLike, *, dtype=None,
     """Load (params, cfg) from a diffusers UNet folder or a pipeline snapshot with a ``unet/`` folder.
 
     dtype: cast the parameters (e.g. jnp.bfloat16); default keeps the file's dtype.
-    config_overrides: JAX-only UNetConfig fields (dtype, param_dtype, remat, attention_impl).
+    config_overrides: JAX-only UNetConfig fields (dtype, param_dtype, remat, attention_impl, attention_chunk).
     """
     what = "diffusers UNet"
     directory = _component_dir(path, "unet", what)

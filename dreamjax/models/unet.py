@@ -112,7 +112,10 @@ class UNetConfig:
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialise every resnet / transformer block in the backward pass
-    attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("xla", "cudnn", None)
+    attention_impl: str | None = None  # None: layers.attention's einsums; "xla" / "cudnn": jax.nn.dot_product_attention
+    # Queries per chunk of a memory-efficient self-attention (layers.chunked_attention) when the latent has
+    # more positions than this; None: one [T, T] score tensor (fastest where it fits).
+    attention_chunk: int | None = None
 
     def __post_init__(self):
         if self.norm_num_groups is None:
@@ -144,7 +147,7 @@ class UNetConfig:
     def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> UNetConfig:
         """From a diffusers UNet2DConditionModel config (its config.json as a dict, or `model.config`).
 
-        overrides: JAX-only fields (dtype, param_dtype, remat, attention_impl) or any field.
+        overrides: JAX-only fields (dtype, param_dtype, remat, attention_impl, attention_chunk) or any field.
         """
         config = dict(config)
         check_fixed_options(config, _UNET_FIXED, "UNet2DConditionModel")
@@ -242,7 +245,8 @@ class Attention(nn.Module):
         out_dtype = q.dtype
         if self.cfg.upcast_attention:
             q, k, v = (y.astype(jnp.float32) for y in (q, k, v))
-        o = layers.attention(q, k, v, implementation=self.cfg.attention_impl).astype(out_dtype)
+        o = layers.attention(q, k, v, implementation=self.cfg.attention_impl, chunk=self.cfg.attention_chunk)
+        o = o.astype(out_dtype)
         o = o.reshape(b, t, inner)
         return layers.torch_dense(d, ("heads", "embed"), use_bias=True, name="to_out_0", **kw)(o)
 

@@ -49,7 +49,7 @@ LLM_ARCH = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_
             "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "max_position_embeddings")
 VISION_ARCH = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size",
                "num_channels", "layer_norm_eps", "hidden_act")
-UNET_JAX_ONLY = ("remat", "attention_impl")
+UNET_JAX_ONLY = ("remat", "attention_impl", "attention_chunk")
 
 
 def precision(config: ConfigDict) -> tuple[Any, Any, Any]:
