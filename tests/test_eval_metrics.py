@@ -1,5 +1,7 @@
 """The evaluation metrics against hand-computed values: VQA accuracy (official normalisation and 10-choose-9
-averaging), BLEU and CIDEr-D (pycocoevalcap definitions), the Fréchet distance and streamed statistics."""
+averaging), BLEU and CIDEr-D (pycocoevalcap definitions), the Fréchet distance and streamed statistics; and
+against reference implementations on small hand-made sets: the official VQA evaluation
+(`tests/torch_reference/vqa_eval_reference.py`) and pycocoevalcap's `Bleu` / `Cider` (skipped without it)."""
 
 import json
 import math
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from dreamjax.eval import caption, fid, vqa
+from tests.torch_reference import vqa_eval_reference as vqa_ref
 
 # ------------------------------------------------------------------------------------------------ VQA
 
@@ -62,6 +65,71 @@ def test_vqa_data_and_summary(tmp_path):
     assert vqa.IMAGE == IMAGE_TOKEN
 
 
+# question_id -> (prediction, ten human answers, answer type), each probing one step of the official evaluation
+VQA_SET = {
+    1: ("yes", ["yes"] * 10, "yes/no"),  # unanimous humans: compared raw
+    2: ("two", ["2"] * 3 + ["3"] * 7, "number"),  # number words, humans disagree: 0.9
+    3: ("2", ["two", "2", "2", "3", "3", "3", "3", "3", "3", "three"], "number"),  # humans' words become digits
+    4: ("none", ["0"] * 4 + ["zero"] * 2 + ["1"] * 4, "number"),  # "none" and "zero" are "0"
+    5: ("t-shirt", ["t-shirt", "t shirt", "tshirt", "shirt", "t-shirt", "shirt", "tee", "shirt", "top", "t-shirt"],
+        "other"),  # an inner hyphen becomes a space
+    6: ("1,000", ["1000", "1,000", "1 000", "100", "1000", "one thousand", "1000", "many", "1,000", "10,000"],
+        "number"),  # digit-comma-digit: every mark deleted
+    7: ("3.5", ["3.5", "3.5", "3", "4", "3.50", "3.5.", "three", "3", "4", "3.5"], "number"),  # period before a digit
+    8: ("The dog", ["dog", "dog", "a dog", "cat", "cat", "cat", "cat", "cat", "cat", "the cat"], "other"),  # articles
+    9: ("dont know", ["don't know", "dont know", "no", "no", "no", "no", "no", "no", "no", "no"], "other"),
+    10: ("red", ["red"] + ["blue"] * 9, "other"),  # one human: 0.3
+    11: ("red car", ["red car", "red car", "car"] + ["truck"] * 7, "other"),  # two humans
+    12: ("cat", ["dog"] * 10, "other"),  # nobody: 0
+    13: ("hello , world!", ["hello world", "hello world", "hello, world", "hi", "hi", "hi", "hello", "hello",
+                            "hello world!", "(hello world)"], "other"),  # marks touching a space are deleted
+    14: (" Yes\n", ["yes"] * 8 + ["no"] * 2, "yes/no"),  # whitespace and case
+    15: ("isnt", ["isn't", "isnt", "is not", "no", "isn't", "no", "no", "no", "no", "no"], "other"),  # contractions
+    # Unanimous humans, a prediction not in normal form: the official script compares it raw (0), dreamjax
+    # normalises every prediction first as EvalAI does to submissions (1), see the module doc of vqa.py.
+    16: ("Yes.", ["yes"] * 10, "yes/no"),
+    17: ("Two", ["2"] * 10, "number"),
+}
+PREPROCESSED_ONLY = {16, 17}  # where dreamjax and the raw official script differ, by design
+
+
+def _official(predictions: dict) -> vqa_ref.VQAEval:
+    ev = vqa_ref.VQAEval()
+    ev.evaluate({q: vqa_ref.annotation(q, humans, t) for q, (_, humans, t) in VQA_SET.items()}, predictions)
+    return ev
+
+
+def test_vqa_tables_and_normalisation_match_official():
+    ref = vqa_ref.VQAEval()
+    assert vqa.CONTRACTIONS == ref.contractions and vqa.NUMBER_WORDS == ref.manualMap
+    assert list(vqa.ARTICLES) == ref.articles and list(vqa.PUNCTUATION) == ref.punct
+    texts = [t for pred, humans, _ in VQA_SET.values() for t in [pred, *humans]]
+    texts += ["a man's hat?", "1,000-2,000 dollars", "what's that", "Im here", "3 . 5", "...", "@home <b>", "yes ."]
+    for text in texts:
+        assert vqa.process_punctuation(text) == ref.processPunctuation(text), text
+        assert vqa.process_digit_article(text) == ref.processDigitArticle(text), text
+        assert vqa.normalize_answer(text) == ref.processDigitArticle(ref.processPunctuation(text.strip())), text
+
+
+def test_vqa_accuracy_matches_official_evaluation():
+    ours = {q: vqa.vqa_accuracy(pred, humans) for q, (pred, humans, _) in VQA_SET.items()}
+    raw = _official({q: pred for q, (pred, _, _) in VQA_SET.items()})
+    ref = vqa_ref.VQAEval()
+    pre = _official({q: ref.processDigitArticle(ref.processPunctuation(pred.strip()))  # EvalAI's preprocessing
+                     for q, (pred, _, _) in VQA_SET.items()})
+    for q in VQA_SET:
+        assert ours[q] == pytest.approx(pre.accQA[q], abs=1e-12), q
+        if q in PREPROCESSED_ONLY:
+            assert (raw.accQA[q], ours[q]) == (0.0, 1.0), q
+        else:
+            assert ours[q] == pytest.approx(raw.accQA[q], abs=1e-12), q
+    # the set reaches every regime: full, partial (1 or 2 matching humans among 9), none
+    assert {round(a, 6) for a in ours.values()} >= {1.0, 0.0, 0.3, 0.6, 0.9}
+    summary = vqa.summarize([{"accuracy": ours[q], "answer_type": t} for q, (_, _, t) in VQA_SET.items()])
+    assert round(summary["accuracy"], 2) == pre.accuracy["overall"]
+    assert {k: round(v, 2) for k, v in summary["accuracy_by_answer_type"].items()} == pre.accuracy["perAnswerType"]
+
+
 # ------------------------------------------------------------------------------------------------ captions
 
 
@@ -110,6 +178,57 @@ def test_caption_scores_and_coco_json(tmp_path):
     items = caption.load_coco_captions(str(tmp_path / "c.json"))
     assert items == [{"image_id": 1, "file_name": "y.jpg", "references": ["q"]},
                      {"image_id": 3, "file_name": "x.jpg", "references": ["p", "r"]}]
+
+
+# Pre-tokenised captions (lower case, space separated, no punctuation): `caption.tokenize` leaves them as they are
+# and pycocoevalcap (without its Java PTB tokenizer) splits them on spaces, so both score the same tokens.
+CAPTION_SET = {
+    "img1": ("a man riding a wave on top of a surfboard",
+             ["a man riding a wave on a surfboard", "a surfer rides a large wave in the ocean",
+              "a person on a surfboard riding a wave", "man surfing on a big wave",
+              "a surfer is riding a wave on his board"]),
+    "img2": ("two dogs playing with a frisbee in the grass",
+             ["two dogs play with a frisbee on the grass", "a couple of dogs chasing a frisbee in a field",
+              "two brown dogs running in the grass", "dogs playing in a grassy park with a toy"]),
+    "img3": ("a plate of food with broccoli and rice",
+             ["a plate with rice and broccoli on it", "a white plate topped with rice meat and broccoli",
+              "a dish of chicken broccoli and rice", "a close up of a plate of food",
+              "food on a plate with vegetables", "a meal of rice and broccoli is n't finished"]),
+    "img4": ("a red bus",
+             ["a red double decker bus driving down a street", "a red bus parked on the side of the road",
+              "a big red bus on a city street"]),
+    "img5": ("a cat sitting on a laptop keyboard on a desk next to a cup of coffee and a man 's phone",
+             ["a cat sitting on a laptop keyboard", "a cat lying on top of a laptop computer",
+              "a cat sits on the keyboard of a laptop on a desk", "a kitten on a laptop next to a mug"]),
+    "img6": ("the train",
+             ["a train pulling into a station", "a train on the tracks near a platform",
+              "a long train traveling down the tracks"]),
+}
+
+
+def test_bleu_and_cider_d_match_pycocoevalcap():
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {k: refs for k, (_, refs) in CAPTION_SET.items()}
+    res = {k: [cand] for k, (cand, _) in CAPTION_SET.items()}
+    cands = [cand for cand, _ in CAPTION_SET.values()]
+    refs = [r for _, r in CAPTION_SET.values()]
+    for words in [*cands, *(x for r in refs for x in r)]:
+        assert caption.tokenize(words) == words.split()  # the text really is pre-tokenised
+
+    want_bleu, want_bleu_items = Bleu(4).compute_score(gts, res, verbose=0)
+    got_bleu, got_bleu_items = caption.bleu(cands, refs)
+    np.testing.assert_allclose(got_bleu, want_bleu, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.array(got_bleu_items).T, np.array(want_bleu_items), rtol=0, atol=1e-6)
+    assert 0.05 < want_bleu[3] < 0.95  # neither trivial nor perfect
+
+    want_cider, want_cider_items = Cider().compute_score(gts, res)
+    got_cider, got_cider_items = caption.cider_d(cands, refs)
+    assert got_cider == pytest.approx(float(want_cider), abs=1e-6)
+    np.testing.assert_allclose(got_cider_items, want_cider_items, rtol=0, atol=1e-6)
+    assert len(set(np.round(want_cider_items, 3))) == len(CAPTION_SET) and want_cider > 0.1
 
 
 # ------------------------------------------------------------------------------------------------ FID

@@ -187,10 +187,17 @@ def random_params(seed: int = 0, side: int = 75) -> dict:
     return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, side, side, 3)))["params"]
 
 
+def param_shapes() -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s: what `params_from_state_dict` checks a state dict against,
+    traced without compiling or running an initialisation (`random_params` takes ~20 s on a small CPU)."""
+    model = FIDInceptionV3(resize_input=False)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))["params"]
+
+
 def params_from_state_dict(state: dict, reference: dict | None = None) -> dict:
     """pytorch-fid state dict (name -> array) -> Flax params: the same names, conv weights [O, I, kh, kw] ->
     kernels [kh, kw, I, O]. The classifier (`fc.*`), aux head and `num_batches_tracked` are not FID's and are
-    skipped; with `reference` (a params tree) every leaf must be present with its shape."""
+    skipped; with `reference` (a params tree, or `param_shapes()`) every leaf must be present with its shape."""
     params: dict = {}
     for name, value in state.items():
         if name.startswith(("fc.", "AuxLogits.")) or name.endswith("num_batches_tracked"):
@@ -226,7 +233,7 @@ def load_fid_weights(path: str) -> dict:
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v.numpy() for k, v in state.items()}
-    return params_from_state_dict(state, reference=random_params())
+    return params_from_state_dict(state, reference=param_shapes())
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
