@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import os
@@ -132,6 +133,43 @@ def measure(sources, weights, tok, cfg: PipelineConfig, batches: int) -> tuple[f
     return docs / (time.perf_counter() - t), docs / (time.process_time() - cpu), skips
 
 
+def token_efficiency(sources, weights, tok, cfg: PipelineConfig, batches: int) -> tuple[float, float, float]:
+    """(fraction of non-padding tokens, samples per row, fraction of present image slots in + out) over
+    `batches` batches: what sequence packing (`cfg.packing`) buys in useful tokens per step at the same
+    batch shape. Records with nothing left (skipped by their layout) are not samples."""
+    it = iter(make_dataset(sources, weights, tok, cfg))
+    used = rows = segments = images = slots = 0
+    for _ in range(batches):
+        b = next(it)
+        seg = b["segment_ids"]
+        used, rows = used + int((seg > 0).sum()), rows + seg.shape[0]
+        segments += int(seg.max(axis=1).sum())
+        images += int(b["images_in_mask"].sum() + b["images_out_mask"].sum())
+        slots += b["images_in_mask"].size + b["images_out_mask"].size
+    return used / (rows * seg.shape[1]), segments / rows, images / slots
+
+
+def caption_pairs(source, n: int) -> list:
+    """Image-caption pairs (as LAION / BLIP-LAION in upstream's stage-2 mixture) made from the corpus: the
+    first image of a document with its first sentence, for the mixed packing measurement."""
+    from dreamjax.data.documents import ImageTextPair
+
+    out = []
+    for i in range(min(n, len(source))):
+        doc = source[i]
+        out.append(ImageTextPair(image=doc.images[0][0], caption=doc.text_list[0]))
+    return out
+
+
+def packing_line(sources, weights, tok, cfg: PipelineConfig, batches: int, open_rows: int) -> str:
+    plain = token_efficiency(sources, weights, tok, cfg, batches)
+    packed = token_efficiency(sources, weights, tok, dataclasses.replace(cfg, packing=open_rows), batches)
+    return (f"packing (L={cfg.layout.max_length}, {cfg.max_images_in}/{cfg.max_images_out} images per row, "
+            f"{open_rows} open rows, {batches} batches of {cfg.per_host_batch}): non-padding tokens "
+            f"{plain[0]:.1%} unpacked -> {packed[0]:.1%} packed ({plain[1]:.2f} -> {packed[1]:.2f} samples per "
+            f"row, image slots used {plain[2]:.1%} -> {packed[2]:.1%})")
+
+
 def profile(sources, weights, tok, cfg: PipelineConfig, batches: int, top: int) -> str:
     it = iter(make_dataset(sources, weights, tok, cfg))
     next(it)
@@ -155,6 +193,9 @@ def main() -> int:
     p.add_argument("--modes", default="threads=0,threads=2,workers=2", help="comma list of threads=T / workers=W")
     p.add_argument("--top", type=int, default=18, help="functions shown in the profile (0: no profile)")
     p.add_argument("--tiny", action="store_true", help="small images and resolutions (smoke run)")
+    p.add_argument("--packing", type=int, default=16,
+                   help="open rows for the token-efficiency measurement of sequence packing (0: skip it)")
+    p.add_argument("--packing-batches", type=int, default=40, help="batches that measurement reads per side")
     args = p.parse_args()
     side = (48, 96) if args.tiny else (512, 1024)
     args.res_in, args.res_out = (32, 16) if args.tiny else (224, 512)
@@ -176,6 +217,12 @@ def main() -> int:
             rate, cpu_rate, skips = measure(sources, weights, tok, pipeline_config(args, **kw), args.batches)
             per_cpu = f"{cpu_rate:6.1f} per CPU-second" if name == "threads" else " " * 20
             print(f"{mode:>10}: {rate:6.1f} documents/s, {per_cpu}   (load {load()})   skips {skips}")
+        if args.packing:
+            cfg = pipeline_config(args, read_threads=0)
+            print("MMC4-like", packing_line(sources, weights, tok, cfg, args.packing_batches, args.packing))
+            mixed = {**sources, "pairs": caption_pairs(sources["mmc4"], args.docs)}
+            print("MMC4-like + caption pairs 1:1", packing_line(mixed, {"mmc4": 1.0, "pairs": 1.0}, tok, cfg,
+                                                                 args.packing_batches, args.packing))
         if args.top:
             print(f"\ncProfile, threads=0, {args.batches} batches (tottime: time in the function itself):")
             print(profile(sources, weights, tok, pipeline_config(args, read_threads=0), args.batches, args.top))

@@ -52,6 +52,9 @@ def base_config() -> ConfigDict:
         source="synthetic", paths=None, mode="joint", max_length=2048, max_images_in=4, max_images_out=4,
         resolution_in=224, resolution_out=512, random_flip=True, num_workers=0, read_threads=2,
         prefetch_batches=4, seed=0,
+        # Sequence packing (dreamjax/data/packing.py), off as upstream: True packs several samples per row
+        # (segment ids, restarting positions), first-fit into `packing_rows` open rows per host. README "Data".
+        packing=False, packing_rows=16,
         mixture=ConfigDict(),
         # synthetic source only: attribute subsets of the shapes world (dreamjax.data.synthetic.WORLD_OPTIONS)
         world=None,

@@ -12,6 +12,10 @@ Batches are built on the `MapDataset` (one element = one host batch), so the rea
 of `ReadOptions`, worker processes of `mp_prefetch`) only changes *when* a batch is made, never which
 records it holds: any `read_threads` / `num_workers` gives the same batches, and Grain's iterator state
 (the next batch index, per worker with `mp_prefetch`) resumes exactly.
+
+With `PipelineConfig.packing` (off by default, as upstream) the host's records are read in order by those
+threads / workers and packed into rows in the reading process (`data/packing.py`: its state, saved with
+the rest, holds the record cursor and the records in open rows).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from PIL import Image
 from dreamjax.data import images as imgs
 from dreamjax.data.collate import collate, fit_sample
 from dreamjax.data.documents import Conversation, ImageTextPair, Record
+from dreamjax.data.packing import PackedBatches, RowBudget, apply_packed_layout, pack_row
 from dreamjax.data.tokenize import LayoutConfig, Skips, TokenizedSample, tokenize
 from dreamjax.data.tokenizer import SpecialIds
 
@@ -50,6 +55,9 @@ class PipelineConfig:
     num_workers: int = 0  # Grain worker processes (0: in the training process)
     read_threads: int = 2  # threads building batches ahead, in each reading process (0: on demand)
     prefetch_batches: int = 4  # batches buffered ahead by those threads (bounds the memory they hold)
+    # Sequence packing (`data/packing.py`; off as upstream): 0 = one sample per row, N > 0 = samples packed
+    # first-fit into N open rows per host (segment ids, restarting positions).
+    packing: int = 0
 
 
 @dataclasses.dataclass
@@ -166,6 +174,35 @@ class CollateExamples:
         return collate_examples(examples, self.cfg, self.specials)
 
 
+def collate_packed(rows: Sequence[Sequence[Example]], num_rows: int, skips: Skips, cfg: PipelineConfig,
+                   specials: SpecialIds) -> dict[str, Any]:
+    """Packed rows (each a list of Examples, in order) -> one static-shape batch of `num_rows` rows (rows
+    past `rows` are all padding): each row's samples concatenated (`pack_row`), laid out by `collate` like
+    single samples, then given their segment ids and restarting positions."""
+    packed = [pack_row([ex.sample for ex in row]) for row in rows]
+    packed += [pack_row([])] * (num_rows - len(packed))
+    r_in, r_out = cfg.resolution_in, cfg.resolution_out
+    batch = collate(
+        [row.sample for row in packed], cfg.layout.max_length, cfg.max_images_in, cfg.max_images_out,
+        specials=specials, load_in=lambda x: x, load_out=lambda x: x, in_shape=(r_in, r_in, 3),
+        out_shape=(r_out, r_out, 3), skips=skips,
+    )
+    batch = apply_packed_layout(batch, packed)
+    batch[SKIPS_KEY] = skips.as_dict()
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class CollatePacked:
+    """`collate_packed` as the batch function of `PackedBatches`."""
+
+    cfg: PipelineConfig
+    specials: SpecialIds
+
+    def __call__(self, rows: Sequence[Sequence[Example]], num_rows: int, skips: Skips) -> dict[str, Any]:
+        return collate_packed(rows, num_rows, skips, self.cfg, self.specials)
+
+
 def mixture(sources: Mapping[str, Sequence], weights: Mapping[str, float], seed: int) -> grain.MapDataset:
     """Each source shuffled with its own seed and repeated, then mixed by weight (an endless dataset)."""
     names = [n for n in sources if weights.get(n, 0) > 0]
@@ -211,6 +248,8 @@ def make_dataset(sources: Mapping[str, Sequence], weights: Mapping[str, float], 
     # Per-record randomness is drawn from the record's index in the *global* stream, before the host split,
     # so the batches do not depend on how many hosts read them.
     ds = ds.random_map(PrepareExample(tokenizer, specials, cfg), seed=cfg.seed)
+    if cfg.packing:
+        return _packed_dataset(ds, cfg, specials, process_index, process_count)
     ds = HostRows(ds, cfg.per_host_batch * process_count, cfg.per_host_batch, process_index)
     # Batch before going iterable: threads and worker processes then share out whole batches, so they
     # cannot change a batch's rows (IterDataset.batch after mp_prefetch's slicing would).
@@ -222,6 +261,24 @@ def make_dataset(sources: Mapping[str, Sequence], weights: Mapping[str, float], 
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return it
+
+
+def _packed_dataset(ds: grain.MapDataset, cfg: PipelineConfig, specials: SpecialIds, process_index: int,
+                    process_count: int) -> grain.IterDataset:
+    """Examples -> this host's records (the contiguous blocks of `HostRows`, as unpacked), read in order by
+    threads / worker processes -> packed batches (`data/packing.py`; the packer itself runs here, in order,
+    so its rows do not depend on `read_threads` or `num_workers`)."""
+    if int(cfg.packing) < 0:
+        raise ValueError(f"PipelineConfig.packing must be >= 0 (open rows; 0: off), got {cfg.packing}")
+    host = HostRows(ds, cfg.per_host_batch * process_count, cfg.per_host_batch, process_index)
+    threads = max(0, int(cfg.read_threads))
+    buffer = max(0, cfg.prefetch_batches) * cfg.per_host_batch if threads else 0
+    it = host.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
+    if cfg.num_workers > 0:
+        _absl_flags_ready()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    budget = RowBudget(cfg.layout.max_length, cfg.max_images_in, cfg.max_images_out)
+    return PackedBatches(it, host, budget, int(cfg.packing), cfg.per_host_batch, CollatePacked(cfg, specials))
 
 
 def _absl_flags_ready() -> None:

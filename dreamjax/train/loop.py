@@ -22,6 +22,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dreamjax.data.images import to_uint8
+from dreamjax.data.packing import DEFAULT_OPEN_ROWS, open_rows_of
 from dreamjax.data.pipeline import SKIPS_KEY, PipelineConfig, make_dataset
 from dreamjax.data.prepared import open_mixture
 from dreamjax.data.synthetic import world_from_config
@@ -70,6 +71,7 @@ def pipeline_config(config: ConfigDict, model_cfg: DreamLLMConfig, per_host_batc
         resolution_in=model_cfg.vision.image_size, resolution_out=int(d.resolution_out),
         random_flip=bool(d.random_flip), seed=int(d.seed), num_workers=int(d.num_workers),
         read_threads=int(d.get("read_threads", 2)), prefetch_batches=int(d.get("prefetch_batches", 4)),
+        packing=open_rows_of(d.get("packing", False), d.get("packing_rows", DEFAULT_OPEN_ROWS)),
     )
 
 
