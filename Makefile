@@ -13,7 +13,7 @@ JOBS   ?= 2
 LIBTPU ?= libtpu==0.0.42.1
 TPU_DIR := .tpu
 
-.PHONY: install tpu aot demo test test-slow bench lint clean
+.PHONY: install tpu aot demo test test-slow bench bench-gpu lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,13 @@ test: install tpu
 test-slow: install
 	$(PY) -m pytest -q -m slow --durations=15
 
+# Every CPU benchmark in sequence, then a summary of their ratios (~16 min on 2 idle cores; benchmarks/README.md).
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_all.py
+
+# On a machine with a GPU: the 1.1B Llama train step vs PyTorch, and the 1B-class DreamLLM step.
+bench-gpu: install
+	$(PY) benchmarks/gpu_train_step.py --dreamllm
 
 lint: install
 	$(VENV)/bin/ruff check dreamjax tests benchmarks configs
