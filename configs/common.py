@@ -55,6 +55,10 @@ def base_config() -> ConfigDict:
         # Sequence packing (dreamjax/data/packing.py), off as upstream: True packs several samples per row
         # (segment ids, restarting positions), first-fit into `packing_rows` open rows per host. README "Data".
         packing=False, packing_rows=16,
+        # Fast image path (PipelineConfig.jpeg_draft): JPEGs decoded at a reduced DCT scale when at least twice
+        # the side they are needed at, and only the crop windows resized; pixels within a few levels of the
+        # exact path. False: exactly upstream's decode + CLIP / diffusion preprocessing.
+        jpeg_draft=True,
         mixture=ConfigDict(),
         # synthetic source only: attribute subsets of the shapes world (dreamjax.data.synthetic.WORLD_OPTIONS)
         world=None,

@@ -30,6 +30,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PathLike = str | os.PathLike
 
+# ``Image.info`` key of an image that ``decode_pil(draft_side=...)`` decoded at a reduced DCT scale:
+# ``(full width, full height, scale)``.
+DRAFT_INFO = "dreamjax_draft"
+
 
 class ImageDecodeError(ValueError):
     """An image could not be decoded. ``item`` names the image (path, tar member, record id), ``reason``
@@ -55,7 +59,7 @@ def decode_image(src: bytes | bytearray | memoryview | PathLike, name: str | Non
 
 
 def decode_pil(src: bytes | bytearray | memoryview | PathLike, name: str | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, draft_side: int | None = None) -> Image.Image:
     """Decode encoded bytes or a file into a loaded RGB PIL image.
 
     The training pipeline keeps the PIL image: both preprocessing paths resize with PIL, so handing them the
@@ -68,6 +72,13 @@ def decode_pil(src: bytes | bytearray | memoryview | PathLike, name: str | None 
 
     Truncated data is caught because the pixels are decoded here (``im.load()``), unless some other code
     has set the process-wide ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True``.
+
+    ``draft_side``: a JPEG whose shortest side is at least twice this is decoded at a reduced scale
+    (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, ``Image.draft``; much cheaper to decode and to resize),
+    the smallest one whose shortest side is still >= ``draft_side``. Such an image records the full
+    image's size in ``info[DRAFT_INFO]`` (``(width, height, scale)``) and both preprocessors map it back
+    (``resize_crop``): same output geometry, pixels within a few levels of the full decode (the DCT
+    scaling is a box-like pre-filter). Other images, and every image without ``draft_side``, decode fully.
     """
     if isinstance(src, bytes | bytearray | memoryview):
         item = name or f"<{len(src)} bytes>"
@@ -84,6 +95,10 @@ def decode_pil(src: bytes | bytearray | memoryview | PathLike, name: str | None 
                 raise ImageDecodeError(item, f"empty image ({w}x{h})")
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(item, f"{w}x{h} pixels is over max_pixels={max_pixels}")
+            scale = 1
+            if draft_side is not None and im.format == "JPEG" and min(w, h) >= 2 * draft_side:
+                drafted = im.draft(None, (draft_side, draft_side))  # (mode, box of the full image)
+                scale = round(w / drafted[1][2]) if drafted else 1
             im.load()  # decode now, so truncated data fails here and not later in the pipeline
             if im.mode != "RGB":
                 rgb = im.convert("RGB")
@@ -95,6 +110,8 @@ def decode_pil(src: bytes | bytearray | memoryview | PathLike, name: str | None 
         raise ImageDecodeError(item, "file not found") from e
     except Exception as e:  # PIL raises many types for bad data: OSError, SyntaxError, struct.error, ...
         raise ImageDecodeError(item, f"{type(e).__name__}: {e}") from e
+    if scale > 1:
+        rgb.info[DRAFT_INFO] = (w, h, scale)
     return rgb
 
 
@@ -136,6 +153,14 @@ def resize_shortest_edge(img: np.ndarray | Image.Image, size: int, resample: Ima
     return np.asarray(im.resize((new_w, new_h), resample=resample))
 
 
+def _crop_offsets(h: int, w: int, height: int, width: int, rounding: str) -> tuple[int, int]:
+    if rounding == "floor":
+        return (h - height) // 2, (w - width) // 2
+    if rounding == "round":
+        return int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    raise ValueError(f"rounding must be 'floor' or 'round', got {rounding!r}")
+
+
 def center_crop(img: np.ndarray, height: int, width: int, rounding: str = "floor") -> np.ndarray:
     """Crop the central ``height x width`` window of an HWC image.
 
@@ -145,13 +170,36 @@ def center_crop(img: np.ndarray, height: int, width: int, rounding: str = "floor
     h, w = img.shape[:2]
     if height > h or width > w:
         raise ValueError(f"center_crop: crop {height}x{width} is larger than the image {h}x{w}")
-    if rounding == "floor":
-        top, left = (h - height) // 2, (w - width) // 2
-    elif rounding == "round":
-        top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
-    else:
-        raise ValueError(f"rounding must be 'floor' or 'round', got {rounding!r}")
+    top, left = _crop_offsets(h, w, height, width, rounding)
     return img[top: top + height, left: left + width]
+
+
+def resize_crop(img: Image.Image, size: int, resample: Image.Resampling, rounding: str,
+                window: bool = False) -> Image.Image:
+    """``resize_shortest_edge`` to ``size`` then the central ``size x size`` crop (``center_crop``'s
+    ``rounding``), of an RGB PIL image; returns the crop as a PIL image.
+
+    ``window=False`` runs exactly those two reference steps (the whole image is resized, then cropped).
+    ``window=True`` resizes only the crop window (PIL ``resize(box=...)``: the same filter centres and
+    supports, without the pixels the crop throws away; PIL takes the box in float32, which moves the
+    centres by ~1e-4 px, so a pixel can differ by one level). An image that ``decode_pil(draft_side=...)``
+    decoded at a reduced scale (``info[DRAFT_INFO]``) always takes the window path, in the full image's
+    geometry: the output size and the crop are those of the full image.
+    """
+    draft = img.info.get(DRAFT_INFO)
+    w, h, scale = draft if draft else (*img.size, 1)
+    new_h, new_w = shortest_edge_size(h, w, size)
+    top, left = _crop_offsets(new_h, new_w, size, size, rounding)
+    crop = (left, top, left + size, top + size)
+    if scale == 1 and (new_h, new_w) == (h, w):  # nothing to resize: the crop alone, exact either way
+        return img.crop(crop)
+    if not (window or draft):
+        return img.resize((new_w, new_h), resample=resample).crop(crop)
+    # Crop-window corners in the decoded image's pixels (a pixel of a 1/scale decode spans `scale` full ones).
+    fx, fy = new_w * scale, new_h * scale
+    box = (left * w / fx, top * h / fy, min((left + size) * w / fx, img.width),
+           min((top + size) * h / fy, img.height))
+    return img.resize((size, size), resample=resample, box=box)
 
 
 def _as_rgb_uint8(img: np.ndarray | Image.Image, what: str) -> np.ndarray | Image.Image:
@@ -177,24 +225,39 @@ def _as_rgb_uint8(img: np.ndarray | Image.Image, what: str) -> np.ndarray | Imag
 # The two preprocessing paths
 
 
-def clip_preprocess(img: np.ndarray | Image.Image, size: int = 224) -> np.ndarray:
+def _clip_table() -> np.ndarray:
+    """CLIP's rescale + normalisation of every uint8 level, per channel, with the reference arithmetic
+    (``x * (1/255)`` in float64 cast to float32, then ``(x - mean) / std`` in float32): ``[3 * 256]``
+    float32, channel ``c``'s value of level ``v`` at ``256 * c + v``. A lookup gives the same floats as
+    computing them, in one pass."""
+    x = (np.arange(256, dtype=np.float64)[:, None] * (1.0 / 255.0)).astype(np.float32)
+    table = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return np.ascontiguousarray(table.T).reshape(-1)
+
+
+_CLIP_TABLE = _clip_table()
+_CLIP_TABLE_OFFSET = np.arange(3, dtype=np.uint16) * 256
+
+
+def _pil_input(img: np.ndarray | Image.Image, what: str) -> Image.Image:
+    img = _as_rgb_uint8(img, what)
+    return img if isinstance(img, Image.Image) else Image.fromarray(img)
+
+
+def clip_preprocess(img: np.ndarray | Image.Image, size: int = 224, *, window: bool = False) -> np.ndarray:
     """CLIP input preprocessing: uint8 ``[H, W, 3]`` -> float32 ``[size, size, 3]``, CLIP-normalised.
 
     Same steps and arithmetic as transformers' PIL ``CLIPImageProcessor`` (shortest_edge=size, bicubic,
     crop size x size, rescale 1/255, normalise): resize on uint8 through PIL, rescale in float64 then cast
-    to float32, normalise in float32.
+    to float32, normalise in float32 (done by table lookup, same floats). ``window``: see ``resize_crop``
+    (resize only the crop window: faster, pixels within one level; off, the result is the reference's).
     """
-    img = _as_rgb_uint8(img, "clip_preprocess")
-    img = resize_shortest_edge(img, size, Image.Resampling.BICUBIC)
-    img = center_crop(img, size, size, rounding="floor")
-    x = (img.astype(np.float64) * (1.0 / 255.0)).astype(np.float32)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
-    std = np.asarray(CLIP_STD, dtype=np.float32)
-    return (x - mean) / std
+    crop = resize_crop(_pil_input(img, "clip_preprocess"), size, Image.Resampling.BICUBIC, "floor", window)
+    return np.take(_CLIP_TABLE, np.asarray(crop).astype(np.uint16) + _CLIP_TABLE_OFFSET)
 
 
 def diffusion_preprocess(img: np.ndarray | Image.Image, resolution: int = 512, random_flip: bool = True,
-                         rng: np.random.Generator | int | None = None) -> np.ndarray:
+                         rng: np.random.Generator | int | None = None, *, window: bool = False) -> np.ndarray:
     """Stable Diffusion side preprocessing: uint8 ``[H, W, 3]`` -> float32 ``[R, R, 3]`` in [-1, 1].
 
     Resize the shortest edge to ``resolution`` (PIL bilinear), center crop (torchvision's offset rounding),
@@ -202,10 +265,10 @@ def diffusion_preprocess(img: np.ndarray | Image.Image, resolution: int = 512, r
     (a ``np.random.Generator`` or an int seed) so the pipeline stays deterministic; ``random_flip=True``
     without an ``rng`` is an error rather than a silent source of nondeterminism. (Upstream's
     ``center_crop=False`` random-crop variant is not used by any shipped config and is not implemented.)
+    ``window``: see ``resize_crop`` (resize only the crop window: faster, pixels within one level).
     """
-    img = _as_rgb_uint8(img, "diffusion_preprocess")
-    img = resize_shortest_edge(img, resolution, Image.Resampling.BILINEAR)
-    img = center_crop(img, resolution, resolution, rounding="round")
+    crop = resize_crop(_pil_input(img, "diffusion_preprocess"), resolution, Image.Resampling.BILINEAR, "round",
+                       window)
     if random_flip:
         if rng is None:
             raise ValueError("diffusion_preprocess(random_flip=True) needs rng (a np.random.Generator or an "
@@ -213,10 +276,14 @@ def diffusion_preprocess(img: np.ndarray | Image.Image, resolution: int = 512, r
         if not isinstance(rng, np.random.Generator):
             rng = np.random.default_rng(rng)
         if rng.random() < 0.5:
-            img = img[:, ::-1]
-    # ToTensor (x / 255 in float32) then Normalize(0.5, 0.5), in the same float32 order as torchvision.
-    x = img.astype(np.float32) / np.float32(255.0)
-    return (x - np.float32(0.5)) / np.float32(0.5)
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # ToTensor (x / 255 in float32) then Normalize(0.5, 0.5), in the same float32 order as torchvision
+    # (times 2 is exactly divided by 0.5), in place.
+    x = np.empty((resolution, resolution, 3), np.float32)
+    np.divide(np.asarray(crop), np.float32(255.0), out=x, dtype=np.float32)
+    x -= np.float32(0.5)
+    x *= np.float32(2.0)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------

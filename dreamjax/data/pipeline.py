@@ -58,6 +58,10 @@ class PipelineConfig:
     # Sequence packing (`data/packing.py`; off as upstream): 0 = one sample per row, N > 0 = samples packed
     # first-fit into N open rows per host (segment ids, restarting positions).
     packing: int = 0
+    # Fast image path: JPEGs decoded at a reduced DCT scale when at least twice the largest side they are
+    # needed at (`images.decode_pil(draft_side=...)`), and only the crop windows resized (`images.resize_crop`).
+    # Same shapes, pixels within a few levels of the exact path; False: exactly upstream's preprocessing.
+    jpeg_draft: bool = True
 
 
 @dataclasses.dataclass
@@ -84,7 +88,8 @@ class PrepareExample(grain.transforms.RandomMap):
 
     def random_map(self, record: Any, rng: np.random.Generator) -> Example:
         start = rng.bit_generator.state
-        decoded: dict[int, tuple[Any, Any]] = {}  # id(ref) -> (ref, pixels); holding ref keeps its id unique
+        # id(ref) -> (ref, pixels, the side the decode keeps); holding ref keeps its id unique
+        decoded: dict[int, tuple[Any, Any, int]] = {}
         failed: set[int] = set()
         while True:
             skips = Skips()
@@ -94,7 +99,7 @@ class PrepareExample(grain.transforms.RandomMap):
                 return Example(None, skips.as_dict())
             sample = fit_sample(sample, self.cfg.layout.max_length, self.cfg.max_images_in, self.cfg.max_images_out,
                                 self.specials, skips)
-            new = self._decode(sample, decoded)
+            new = self._decode(sample, decoded, self._draft_sides(sample))
             if not new:
                 break
             failed |= new
@@ -104,33 +109,47 @@ class PrepareExample(grain.transforms.RandomMap):
         pixels_out = [self._diffusion(decoded[id(ref)][1], rng) for ref in sample.images_out]
         return Example(dataclasses.replace(sample, images_in=pixels_in, images_out=pixels_out), skips.as_dict())
 
+    def _draft_sides(self, sample: TokenizedSample) -> dict[int, int] | None:
+        """With `cfg.jpeg_draft`: id(ref) -> the largest side the image is needed at (CLIP input, diffusion
+        target or both), the least a reduced-scale JPEG decode must keep."""
+        if not self.cfg.jpeg_draft:
+            return None
+        sides = {id(ref): self.cfg.resolution_in for ref in sample.images_in}
+        for ref in sample.images_out:
+            sides[id(ref)] = max(sides.get(id(ref), 0), self.cfg.resolution_out)
+        return sides
+
     @staticmethod
-    def _decode(sample: TokenizedSample, decoded: dict) -> set[int]:
-        """Decode every image of `sample` not decoded yet; returns the ids of those that failed."""
+    def _decode(sample: TokenizedSample, decoded: dict, sides: dict[int, int] | None = None) -> set[int]:
+        """Decode every image of `sample` not decoded yet (or decoded at a reduced scale that is now too
+        small for its uses); returns the ids of those that failed."""
         failed = set()
         for ref in (*sample.images_in, *sample.images_out):
-            if id(ref) in decoded or id(ref) in failed:
+            side = sides[id(ref)] if sides else None
+            if id(ref) in failed or (id(ref) in decoded and (side or 0) <= decoded[id(ref)][2]):
                 continue
             try:
-                decoded[id(ref)] = (ref, load_image(ref))
+                decoded[id(ref)] = (ref, load_image(ref, side), side or 1 << 30)
             except imgs.ImageDecodeError:
                 failed.add(id(ref))
         return failed
 
     def _clip(self, pixels) -> np.ndarray:
-        return imgs.clip_preprocess(pixels, self.cfg.resolution_in)
+        return imgs.clip_preprocess(pixels, self.cfg.resolution_in, window=self.cfg.jpeg_draft)
 
     def _diffusion(self, pixels, rng) -> np.ndarray:
-        return imgs.diffusion_preprocess(pixels, self.cfg.resolution_out, random_flip=self.cfg.random_flip, rng=rng)
+        return imgs.diffusion_preprocess(pixels, self.cfg.resolution_out, random_flip=self.cfg.random_flip, rng=rng,
+                                         window=self.cfg.jpeg_draft)
 
 
-def load_image(ref) -> np.ndarray | Image.Image:
+def load_image(ref, draft_side: int | None = None) -> np.ndarray | Image.Image:
     """The image loader of both record sources: synthetic records carry uint8 arrays (used as they are),
     prepared ones carry encoded bytes, decoded here into an RGB PIL image that both preprocessing paths
-    resize directly (`ImageDecodeError` when the bytes cannot be decoded)."""
+    resize directly (`ImageDecodeError` when the bytes cannot be decoded); with `draft_side`, a large JPEG
+    is decoded at a reduced scale that keeps its shortest side >= `draft_side` (`images.decode_pil`)."""
     if isinstance(ref, np.ndarray) and ref.dtype == np.uint8 and ref.ndim == 3:
         return ref
-    return imgs.decode_pil(ref)
+    return imgs.decode_pil(ref, draft_side=draft_side)
 
 
 def mark_corrupt(record: Record, failed: set[int]) -> Record:

@@ -72,6 +72,7 @@ def pipeline_config(config: ConfigDict, model_cfg: DreamLLMConfig, per_host_batc
         random_flip=bool(d.random_flip), seed=int(d.seed), num_workers=int(d.num_workers),
         read_threads=int(d.get("read_threads", 2)), prefetch_batches=int(d.get("prefetch_batches", 4)),
         packing=open_rows_of(d.get("packing", False), d.get("packing_rows", DEFAULT_OPEN_ROWS)),
+        jpeg_draft=bool(d.get("jpeg_draft", True)),
     )
 
 
