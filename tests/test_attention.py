@@ -1,4 +1,4 @@
-"""layers.attention: its einsum form (implementation="einsum") and its chunked, flash-backward form."""
+"""layers.attention (the einsum form every model uses by default) and its chunked, flash-backward form."""
 
 import re
 
@@ -31,8 +31,7 @@ def test_einsum_attention_matches_jax_nn(n, n_kv, causal, masked):
     if masked:
         mask = jnp.asarray(rng.random((2, 1, 16, 16)) > 0.3).at[..., 0].set(True)  # every row sees a key
     weight = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    ours = _value_and_grads(lambda *x: layers.attention(*x, mask=mask, is_causal=causal, implementation="einsum"),
-                            q, k, v, weight)
+    ours = _value_and_grads(lambda *x: layers.attention(*x, mask=mask, is_causal=causal), q, k, v, weight)
     ref = _value_and_grads(lambda *x: jax.nn.dot_product_attention(*x, mask=mask, is_causal=causal), q, k, v, weight)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         assert max_rel_err(a, b) < 1e-5

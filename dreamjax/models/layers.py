@@ -142,21 +142,22 @@ def attention(
     `mask` (True = attend) broadcasts to [B, N, T, S]; `is_causal` adds the lower-triangular mask (T == S).
     The softmax runs in fp32 whatever the compute dtype.
 
-    `implementation`: None (XLA picks), "xla" or "cudnn" go to `jax.nn.dot_product_attention`; "einsum" writes
-    it out as two einsums around an fp32 softmax with the query heads grouped per K/V head. The einsum form was
-    faster for the UNet alone in one measurement and 1.65x slower inside the text-to-image sampling loop in
-    another (benchmarks/README.md), so it is not the default.
+    `implementation="cudnn"` (or "xla") hands the call to `jax.nn.dot_product_attention`. The default (None)
+    writes the attention out as two einsums around an fp32 softmax, with the query heads grouped per K/V
+    head: XLA fuses that well on every backend, and on CPU it runs 1.5-2x faster than
+    `jax.nn.dot_product_attention`, whose GQA reshapes and mask broadcasts become materialised copies of
+    the score tensor (benchmarks/README.md).
 
     `chunk` (unmasked attention only, e.g. the UNet's): when T is a multiple of it and larger, queries are
     processed `chunk` at a time with a flash-attention backward (`chunked_attention`), so no [T, S] score
-    tensor is ever alive (memory O(chunk * S); the 7B configs use it for the 4096 positions at 64x64 latents).
+    tensor is ever alive: what lets the UNet's 4096-token self-attention at 64x64 latents fit a TPU chip.
     """
-    if chunk and mask is None and not is_causal and q.shape[1] > chunk and q.shape[1] % chunk == 0:
-        return chunked_attention(q, k, v, chunk)
-    if implementation != "einsum":
+    if implementation is not None:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
         )
+    if chunk and mask is None and not is_causal and q.shape[1] > chunk and q.shape[1] % chunk == 0:
+        return chunked_attention(q, k, v, chunk)
     b, t, n, h = q.shape
     s, n_kv = k.shape[1], k.shape[2]
     g = n // n_kv

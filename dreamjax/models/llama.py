@@ -65,7 +65,7 @@ class LlamaConfig:
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True
     remat_policy: str = "none"  # one of REMAT_POLICIES
-    attention_impl: str | None = None  # layers.attention: None / "xla" / "cudnn" (jax.nn) or "einsum"
+    attention_impl: str | None = None  # None: layers.attention's einsums; "xla" / "cudnn": jax.nn.dot_product_attention
     # std of the normal init of every kernel and embedding (HF's name and default). 0.02 suits d ~ 4096; a
     # tiny model trained from scratch wants ~1/sqrt(d), or attention barely moves its residual stream.
     initializer_range: float = 0.02

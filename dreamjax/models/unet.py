@@ -112,7 +112,7 @@ class UNetConfig:
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialise every resnet / transformer block in the backward pass
-    attention_impl: str | None = None  # layers.attention: None / "xla" / "cudnn" (jax.nn) or "einsum"
+    attention_impl: str | None = None  # None: layers.attention's einsums; "xla" / "cudnn": jax.nn.dot_product_attention
     # Queries per chunk of a memory-efficient self-attention (layers.chunked_attention) when the latent has
     # more positions than this; None: one [T, T] score tensor (fastest where it fits).
     attention_chunk: int | None = None
