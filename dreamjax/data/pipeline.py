@@ -172,14 +172,20 @@ def collate_examples(examples: Sequence[Example], cfg: PipelineConfig, specials:
     for ex in examples:
         skips.merge(ex.skips)
         samples.append(ex.sample if ex.sample is not None else empty)
+    batch = _collate(samples, cfg, specials, skips)
+    batch[SKIPS_KEY] = skips.as_dict()
+    return batch
+
+
+def _collate(samples: Sequence[TokenizedSample], cfg: PipelineConfig, specials: SpecialIds,
+             skips: Skips) -> dict[str, Any]:
+    """`collate` at this pipeline's sizes, on samples whose images are already preprocessed arrays."""
     r_in, r_out = cfg.resolution_in, cfg.resolution_out
-    batch = collate(
+    return collate(
         samples, cfg.layout.max_length, cfg.max_images_in, cfg.max_images_out, specials=specials,
         load_in=lambda x: x, load_out=lambda x: x, in_shape=(r_in, r_in, 3), out_shape=(r_out, r_out, 3),
         skips=skips,
     )
-    batch[SKIPS_KEY] = skips.as_dict()
-    return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +206,7 @@ def collate_packed(rows: Sequence[Sequence[Example]], num_rows: int, skips: Skip
     single samples, then given their segment ids and restarting positions."""
     packed = [pack_row([ex.sample for ex in row]) for row in rows]
     packed += [pack_row([])] * (num_rows - len(packed))
-    r_in, r_out = cfg.resolution_in, cfg.resolution_out
-    batch = collate(
-        [row.sample for row in packed], cfg.layout.max_length, cfg.max_images_in, cfg.max_images_out,
-        specials=specials, load_in=lambda x: x, load_out=lambda x: x, in_shape=(r_in, r_in, 3),
-        out_shape=(r_out, r_out, 3), skips=skips,
-    )
-    batch = apply_packed_layout(batch, packed)
+    batch = apply_packed_layout(_collate([row.sample for row in packed], cfg, specials, skips), packed)
     batch[SKIPS_KEY] = skips.as_dict()
     return batch
 
