@@ -144,13 +144,12 @@ def attention(
 
     `implementation="cudnn"` (or "xla") hands the call to `jax.nn.dot_product_attention`. The default (None)
     writes the attention out as two einsums around an fp32 softmax, with the query heads grouped per K/V
-    head: XLA fuses that well on every backend, and on CPU it runs 1.5-2x faster than
-    `jax.nn.dot_product_attention`, whose GQA reshapes and mask broadcasts become materialised copies of
-    the score tensor (benchmarks/README.md).
+    head. On CPU it was faster than `jax.nn.dot_product_attention` for the UNet in one isolated measurement,
+    no faster in a later one, and 1.65x slower inside the text-to-image sampling loop (benchmarks/README.md).
 
     `chunk` (unmasked attention only, e.g. the UNet's): when T is a multiple of it and larger, queries are
     processed `chunk` at a time with a flash-attention backward (`chunked_attention`), so no [T, S] score
-    tensor is ever alive: what lets the UNet's 4096-token self-attention at 64x64 latents fit a TPU chip.
+    tensor is ever alive (memory O(chunk * S) instead of O(T * S)).
     """
     if implementation is not None:
         return jax.nn.dot_product_attention(
