@@ -143,9 +143,11 @@ def attention(
     The softmax runs in fp32 whatever the compute dtype.
 
     `implementation="cudnn"` (or "xla") hands the call to `jax.nn.dot_product_attention`. The default (None)
-    writes the attention out as two einsums around an fp32 softmax, with the query heads grouped per K/V
-    head. On CPU it was faster than `jax.nn.dot_product_attention` for the UNet in one isolated measurement,
-    no faster in a later one, and 1.65x slower inside the text-to-image sampling loop (benchmarks/README.md).
+    writes the attention out as two einsums around an fp32 softmax. Plain multi-head attention uses 4-D
+    [B, N, T, S] scores: in that form XLA:CPU fuses QK^T with the softmax (one YNNPACK fusion); a size-1
+    group axis (or `jax.nn`'s vmapped form) puts a transposed copy of the scores in between. At the UNet's
+    1024 positions this is 1.6x faster than `jax.nn` forward and 2x forward+backward (benchmarks/README.md).
+    Grouped-query attention keeps the query heads grouped per K/V head, so K/V are never repeated.
 
     `chunk` (unmasked attention only, e.g. the UNet's): when T is a multiple of it and larger, queries are
     processed `chunk` at a time with a flash-attention backward (`chunked_attention`), so no [T, S] score
@@ -160,20 +162,23 @@ def attention(
     b, t, n, h = q.shape
     s, n_kv = k.shape[1], k.shape[2]
     g = n // n_kv
-    q = q.reshape(b, t, n_kv, g, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    if g == 1:  # plain multi-head: 4-D einsums, which XLA:CPU fuses with the softmax (see the docstring)
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    else:  # grouped-query: each K/V head serves its g query heads without being repeated
+        logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, n_kv, g, h), k,
+                            preferred_element_type=jnp.float32).reshape(b, n, t, s)
     logits = logits * np.float32(1.0 / math.sqrt(h))
     valid = None
     if is_causal:
         valid = jnp.tril(jnp.ones((t, s), dtype=bool))
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (mask.shape[0], n, t, s)) if mask.shape[1] not in (1, n) else mask
-        mask = mask.reshape(mask.shape[0], n_kv, g, t, s) if mask.shape[1] == n else mask[:, :, None]
         valid = mask if valid is None else valid & mask
     if valid is not None:
         logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    if g == 1:
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.reshape(b, n_kv, g, t, s), v)
     return out.reshape(b, t, n, h)
 
 
