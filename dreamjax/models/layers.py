@@ -173,8 +173,8 @@ def attention(
         valid = jnp.tril(jnp.ones((t, s), dtype=bool))
     if mask is not None:
         valid = mask if valid is None else valid & mask
-    if valid is not None:
-        logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+    if valid is not None:  # an additive bias, not a select: its gradient needs no saved [B, N, T, S] mask
+        logits = logits + jnp.where(valid, np.float32(0), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     if g == 1:
         return jnp.einsum("bhts,bshd->bthd", probs, v)
