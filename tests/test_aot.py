@@ -61,3 +61,18 @@ def test_tiny_step_compiles_for_a_v5p_slice(capsys):
     # the compiled step does the work the analytic count says (no remat in the tiny config)
     assert 0.8 < ratio < 1.25, ratio
     assert any(line.startswith("memory per chip (GiB): arguments") for line in lines)
+
+
+@pytest.mark.parametrize("optimal, source", [(100.0, "XLA's TPU cost model"), (1e-3, "compiled FLOPs at peak; XLA"),
+                                             (None, "compiled FLOPs at peak)")])
+def test_step_time_says_which_bound_it_is(optimal, source):
+    """The estimate is the larger of the cost model's roofline and the compiled FLOPs at peak; the label
+    names the one printed."""
+    topo = aot.parse_topology("v5p-8")
+    report = aot.AotReport(topo, "mesh", dict.fromkeys(("arguments", "outputs", "aliased", "temporaries", "code",
+                                                         "peak"), 0.0),
+                           compiled_flops=1.25e15, analytic={"llm": 1e15}, optimal_seconds=optimal, parameters=1)
+    at_peak = 1.25e15 / (topo.chips * topo.peak_flops)
+    assert report.step_seconds() == pytest.approx(max(optimal or 0.0, at_peak))
+    line = next(x for x in report.lines() if x.startswith("estimated step time"))
+    assert source in line, line

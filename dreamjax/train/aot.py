@@ -247,10 +247,20 @@ class AotReport:
     def hbm_bytes(self) -> float:
         return self.topology.preset.hbm_gib * GIB
 
+    def at_peak_seconds(self) -> float:
+        return self.compiled_flops / (self.topology.chips * self.topology.peak_flops)
+
     def step_seconds(self) -> float:
-        """The roofline estimate when the cost model gives one, else the compiled FLOPs at peak."""
-        at_peak = self.compiled_flops / (self.topology.chips * self.topology.peak_flops)
-        return max(self.optimal_seconds or 0.0, at_peak)
+        """The cost model's roofline time, but never less than the compiled FLOPs at peak."""
+        return max(self.optimal_seconds or 0.0, self.at_peak_seconds())
+
+    def _step_source(self) -> str:
+        if self.optimal_seconds and self.optimal_seconds >= self.at_peak_seconds():
+            return "XLA's TPU cost model, a roofline lower bound"
+        if self.optimal_seconds:  # say so rather than print a cost-model label on the FLOPs bound
+            return (f"compiled FLOPs at peak; XLA's TPU cost model gave {self.optimal_seconds:.2f} s, below "
+                    "that bound")
+        return "compiled FLOPs at peak"
 
     def mfu(self) -> float:
         return self.analytic_flops / (self.step_seconds() * self.topology.chips * self.topology.peak_flops)
@@ -269,7 +279,7 @@ class AotReport:
                "analytic FLOPs per step " + f"{self.analytic_flops:.4g} = " +
                " + ".join(f"{k} {v:.3g}" for k, v in self.analytic.items()),
                f"estimated step time {self.step_seconds():.2f} s ("
-               + ("XLA's TPU cost model, a roofline lower bound" if self.optimal_seconds else "compiled FLOPs at peak")
+               + self._step_source()
                + f"), MFU {self.mfu():.1%} (analytic FLOPs / peak; an upper bound)",
                f"peak_memory_per_chip_gib={m['peak'] / g:.2f} hbm_gib={self.topology.preset.hbm_gib:g} "
                f"flops_ratio={self.flops_ratio:.3f}"]
