@@ -32,11 +32,12 @@ $(TPU_DIR)/.installed: | $(PY)
 
 tpu: $(TPU_DIR)/.installed
 
-# e.g. make aot CONFIG=configs/dreamllm_7b.py:stage2 TOPOLOGY=v5p-128
+# e.g. make aot CONFIG=configs/dreamllm_7b.py:stage2 TOPOLOGY=v5e-256 AOT_ARGS="--config.mesh.tensor=4 --config.mesh.rules=fsdp_tp"
 CONFIG ?= configs/dreamllm_7b.py:stage2
 TOPOLOGY ?= v5p-128
+AOT_ARGS ?=
 aot: install tpu
-	$(VENV)/bin/dreamjax aot --config $(CONFIG) --topology $(TOPOLOGY)
+	$(VENV)/bin/dreamjax aot --config $(CONFIG) --topology $(TOPOLOGY) $(AOT_ARGS)
 
 demo: install
 	$(VENV)/bin/dreamjax demo --workdir $(WORKDIR)
