@@ -36,6 +36,7 @@ from benchmarks.run_all import interleaved, torch_uses_every_core  # noqa: E402
 from dreamjax.convert import hf  # noqa: E402
 from dreamjax.infer.decode import generate_text  # noqa: E402
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params  # noqa: E402
+from dreamjax.runtime import keep_freed_memory  # noqa: E402
 
 SIZES = {
     # a ~7M-parameter Llama: per-token work small enough that the framework's per-step overhead shows
@@ -74,6 +75,7 @@ def build(size: dict, seed: int = 0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--tiny", action="store_true", help="= --size tiny (smoke run)")
     p.add_argument("--reps", type=int, default=5)

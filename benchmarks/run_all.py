@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from benchmarks import models  # noqa: E402
 from dreamjax.convert import core  # noqa: E402
+from dreamjax.runtime import keep_freed_memory  # noqa: E402
 
 # Timed repetitions: at most MAX_REPS, fewer when a round (one call of each framework) is slow, so that a
 # (model, mode) takes about --budget seconds; never fewer than MIN_REPS. --reps N fixes the count.
@@ -255,6 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     cores = torch_uses_every_core()
     reps = args.reps or (QUICK_REPS if args.quick else None)
     size = "tiny" if args.tiny else "default"

@@ -43,6 +43,7 @@ from dreamjax.convert import diffusers as dconv  # noqa: E402
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig  # noqa: E402
 from dreamjax.infer.text_to_image import image_keys, sample_images  # noqa: E402
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params  # noqa: E402
+from dreamjax.runtime import keep_freed_memory  # noqa: E402
 
 SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
              "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
@@ -94,6 +95,7 @@ def build(size: dict, workdir: str):
 def main(argv=None) -> int:
     import tempfile
 
+    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--tiny", action="store_true", help="= --size tiny (smoke run)")

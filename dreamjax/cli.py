@@ -17,6 +17,8 @@ import time
 
 from ml_collections import ConfigDict
 
+from dreamjax import runtime
+
 log = logging.getLogger("dreamjax")
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, TypeError, OSError)
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax reports expected partial restores as warnings
+    runtime.keep_freed_memory()  # XLA:CPU's large temporaries reuse heap pages (dreamjax/runtime.py)
     try:
         return args.func(args, extra)
     except USER_ERRORS as e:

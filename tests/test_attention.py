@@ -22,7 +22,8 @@ def _value_and_grads(fn, q, k, v, weight):
     return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("n, n_kv, causal, masked", [(4, 4, False, False), (4, 4, True, True), (8, 2, True, True), (4, 1, False, True)],
+@pytest.mark.parametrize("n, n_kv, causal, masked",
+                         [(4, 4, False, False), (4, 4, True, True), (8, 2, True, True), (4, 1, False, True)],
                          ids=["mha", "mha-causal-mask", "gqa-causal-mask", "mqa-mask"])
 def test_einsum_attention_matches_jax_nn(n, n_kv, causal, masked):
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "dreamjax"
 
 # Each layer may import itself and the layers below it. `run` is the run assembly (config or workdir -> a
 # ready run): above everything it assembles, below every command that uses it.
-ORDER = ["cli", "eval", "infer", "train", "run", "convert", "parallel", "data", "diffusion", "models"]
+ORDER = ["cli", "eval", "infer", "train", "run", "convert", "parallel", "data", "diffusion", "models", "runtime"]
 # Siblings that must not import each other although both sit above `parallel`/`models`.
 FORBIDDEN = {
     "infer": {"train"},
