@@ -75,13 +75,13 @@ def build(size: dict, seed: int = 0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--tiny", action="store_true", help="= --size tiny (smoke run)")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
     size = SIZES["tiny" if args.tiny else args.size]
     cores = torch_uses_every_core()
+    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     load_before = os.getloadavg()[0]
     print(f"decode benchmark: jax {jax.__version__}, torch {torch.__version__} ({cores} threads), transformers "
           f"{transformers.__version__}; load average (1 min) before: {load_before:.2f}", flush=True)

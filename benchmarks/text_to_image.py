@@ -95,7 +95,6 @@ def build(size: dict, workdir: str):
 def main(argv=None) -> int:
     import tempfile
 
-    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--tiny", action="store_true", help="= --size tiny (smoke run)")
@@ -103,6 +102,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     size = SIZES["tiny" if args.tiny else args.size]
     cores = torch_uses_every_core()
+    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     load_before = os.getloadavg()[0]
     print(f"text-to-image benchmark: jax {jax.__version__}, torch {torch.__version__} ({cores} threads), diffusers "
           f"{diffusers.__version__}; load average (1 min) before: {load_before:.2f}", flush=True)

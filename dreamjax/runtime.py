@@ -28,8 +28,9 @@ OPT_OUT = "DREAMJAX_KEEP_FREED_MEMORY"  # =0: leave malloc as it is
 def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Serve allocations below `threshold` bytes from glibc's heap and keep up to `threshold` freed bytes.
 
-    Returns True when applied; False (and changes nothing) without glibc, when `mallopt` refuses, or when
-    the environment sets DREAMJAX_KEEP_FREED_MEMORY=0."""
+    Returns True when both thresholds were set; False without glibc, when the environment sets
+    DREAMJAX_KEEP_FREED_MEMORY=0 (nothing changed then), or when `mallopt` refuses one of them (the mmap
+    threshold may already be set when the trim threshold is refused)."""
     if os.environ.get(OPT_OUT, "1") == "0":
         return False
     name = ctypes.util.find_library("c")
