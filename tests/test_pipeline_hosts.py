@@ -49,3 +49,57 @@ def test_host_rows_rejects_a_bad_split():
     assert [rows[i] for i in range(6)] == [4, 5, 6, 7, 12, 13] and len(rows) == 32
     with pytest.raises(ValueError, match="process 2 with 4 of 8 rows"):
         HostRows(grain.MapDataset.range(64), 8, 4, 2)
+
+
+def _iterator(world, tok, per_host, k, n, packing=0):
+    cfg = PipelineConfig(layout=LayoutConfig(num_image_tokens=4, num_dream_queries=2, max_length=64),
+                         per_host_batch=per_host, max_images_in=2, max_images_out=2, resolution_in=16,
+                         resolution_out=16, seed=3, packing=packing)
+    sources = dict(pairs=world.pairs("train", 100), documents=world.documents("train", 100))
+    return iter(make_dataset(sources, dict(pairs=0.5, documents=0.5), tok, cfg, process_index=k, process_count=n))
+
+
+def _save_as_processes(directory, iterators):
+    """Each iterator's state where Grain's handler puts process K of N's (`data/process_K-of-N.json`)."""
+    import json
+
+    for k, it in enumerate(iterators):
+        (directory / f"process_{k}-of-{len(iterators)}.json").write_text(json.dumps(it.get_state()))
+
+
+def test_two_hosts_data_state_resumes_in_one_process(tmp_path):
+    """The state the two hosts save after 2 batches restores in one process (`DataIteratorHandler`, the
+    multi-host checkpoint read by one process), which then reads the third global batch."""
+    from dreamjax.run.checkpoints import DataIteratorHandler
+
+    world = ShapesWorld(seed=0, resolution=16)
+    tok = build_word_tokenizer(world.vocabulary())
+    hosts = [_iterator(world, tok, GLOBAL // 2, k, 2) for k in range(2)]
+    for it in hosts:
+        next(it), next(it)
+    _save_as_processes(tmp_path, hosts)
+    one = DataIteratorHandler().restore(tmp_path, item=_iterator(world, tok, GLOBAL, 0, 1))
+    want = _batches(world, tok, GLOBAL, 0, 1)[2]
+    got = next(one)
+    got.pop(SKIPS_KEY)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_host_specific_data_states_are_refused(tmp_path):
+    """Packed hosts keep their own open rows: their states differ, and one process refuses them by name;
+    so does a set of process files with one missing."""
+    from dreamjax.run.checkpoints import DataIteratorHandler, DataStateMismatch
+
+    world = ShapesWorld(seed=0, resolution=16)
+    tok = build_word_tokenizer(world.vocabulary())
+    hosts = [_iterator(world, tok, GLOBAL // 2, k, 2, packing=2) for k in range(2)]
+    for it in hosts:
+        next(it)
+    assert hosts[0].get_state() != hosts[1].get_state()
+    _save_as_processes(tmp_path, hosts)
+    with pytest.raises(DataStateMismatch, match="host-specific positions.*resume with 2 processes"):
+        DataIteratorHandler().restore(tmp_path, item=_iterator(world, tok, GLOBAL, 0, 1, packing=2))
+    (tmp_path / "process_1-of-2.json").unlink()
+    with pytest.raises(DataStateMismatch, match=r"saved by 2 processes but only processes \[0\]"):
+        DataIteratorHandler().restore(tmp_path, item=_iterator(world, tok, GLOBAL, 0, 1))

@@ -30,6 +30,8 @@ state (the record cursor, whatever reads the records: threads or worker processe
 held in open rows and in emitted rows not yet batched, and the skips counted but not yet reported. The
 records themselves are re-made on restore by random access (`host_records[i]`: every record is a pure
 function of its global index and the seed), so a resumed run sees exactly the batches it would have seen.
+Those indices are the host's own, so the state also names the host ([process index, count]) and resumes
+only there: a packed run restarts on the process count it saved with.
 
 With packing the hosts' batches are not slices of one global packing: each host packs its own records.
 Hosts still read disjoint records, and over the records the union of all hosts is the single-process
@@ -193,7 +195,10 @@ class PackedBatches(grain.IterDataset):
 
 
 class PackedBatchIterator(grain.DatasetIterator):
-    """See `PackedBatches`; its state: {"parent", "cursor", "open", "ready", "skips"} (module doc)."""
+    """See `PackedBatches`; its state: {"parent", "cursor", "open", "ready", "skips", "host"} (module doc).
+
+    Its record indices are this host's (`HostRows`), so the state names the host, [process index, count],
+    and only that host resumes it: another split of the global batch would read other records."""
 
     def __init__(self, parent: grain.DatasetIterator, host_records: grain.MapDataset, budget: RowBudget,
                  open_rows: int, rows: int, collate_rows):
@@ -204,6 +209,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._cursor = 0  # host records consumed from the parent
         self._skips = Skips()  # counted, not reported in a batch yet
         self._exhausted = False
+        self._host = getattr(host_records, "host", None)
 
     def _add(self, index: int, example) -> None:
         self._skips.merge(example.skips)
@@ -231,9 +237,13 @@ class PackedBatchIterator(grain.DatasetIterator):
         indices = lambda rows: [[int(i) for i, _ in row] for row in rows]  # noqa: E731
         return {"parent": self._parent.get_state(), "cursor": self._cursor,
                 "open": indices(row.items for row in self._packer.rows), "ready": indices(self._ready),
-                "skips": self._skips.as_dict()}
+                "skips": self._skips.as_dict(), "host": list(self._host) if self._host else None}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("host")
+        if saved and self._host and tuple(saved) != tuple(self._host):
+            raise ValueError(f"packed data state of process {saved[0]} of {saved[1]} cannot resume on process "
+                             f"{self._host[0]} of {self._host[1]}: its record indices are that host's")
         self._parent.set_state(state["parent"])
         self._cursor = int(state["cursor"])
         self._skips = Skips(state["skips"])

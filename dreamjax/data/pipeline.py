@@ -248,6 +248,7 @@ class HostRows(grain.MapDataset):
         if global_batch % per_host or not 0 <= process_index < global_batch // per_host:
             raise ValueError(f"HostRows: process {process_index} with {per_host} of {global_batch} rows per batch")
         self._global, self._per_host, self._offset = global_batch, per_host, process_index * per_host
+        self.host = (process_index, global_batch // per_host)  # (process index, process count)
 
     def __len__(self) -> int:
         return len(self._parent) // self._global * self._per_host

@@ -14,8 +14,11 @@ back to the previous one, loudly: `restore` is the one place that does this.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -61,6 +64,72 @@ def require(path: str, what: str) -> str:
     return path
 
 
+# ------------------------------------------------------------------------------------------------ data iterator
+
+
+class DataStateMismatch(LayoutMismatch):
+    """The saved data iterators cannot resume on this number of processes (their states differ by host)."""
+
+
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's handler (each process saves `data/process_K-of-N.json`), restoring on another process count.
+
+    Grain reads back only the file of the same process index *and count*. dreamjax's unpacked pipeline
+    keeps its position independent of the host: every host reads its rows of each global batch
+    (`data.pipeline.HostRows`), so each host's state is the index of the next global batch, the same on all
+    of them, and any number of processes can resume from it. When this process's own file is absent, the
+    state is taken from the files of the count that saved, provided there are all of them and they agree;
+    states that differ by host (the packed pipeline's open rows) are a `DataStateMismatch`, not a guess.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        index, count = jax.process_index(), jax.process_count()
+        if (directory / f"process_{index}-of-{count}.json").exists():
+            return super().restore(directory, item=item)
+        item.set_state(host_independent_state(directory, index, count))
+        item.start_prefetch()
+        return item
+
+
+def host_independent_state(directory, index: int = 0, count: int = 1) -> dict:
+    """The one iterator state that every process file in `directory` holds (see `DataIteratorHandler`)."""
+    saved: dict[int, dict[int, Any]] = {}
+    for path in directory.iterdir():
+        m = _PROCESS_FILE.fullmatch(path.name)
+        if m:
+            saved.setdefault(int(m.group(2)), {})[int(m.group(1))] = path
+    where = f"the data iterator state in {directory}"
+    if len(saved) != 1:
+        raise DataStateMismatch(f"{where}: expected the files of one process count, found counts {sorted(saved)} "
+                                f"(process {index} of {count} has no file of its own)")
+    (n, files), = saved.items()
+    if sorted(files) != list(range(n)):
+        raise DataStateMismatch(f"{where}: saved by {n} processes but only processes {sorted(files)} have a file")
+    states = [json.loads(files[k].read_text()) for k in range(n)]
+    if any(s != states[0] for s in states[1:]):
+        raise DataStateMismatch(
+            f"{where}: the {n} processes that saved it stopped at host-specific positions (sequence packing keeps "
+            f"each host's open rows), so {count} process(es) cannot resume it; resume with {n} processes, or "
+            f"start afresh in a new workdir with `--config.init.checkpoint=<this workdir>` (weights only)")
+    return states[0]
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 # ------------------------------------------------------------------------------------------------ managers
 
 
@@ -69,7 +138,7 @@ def manager(directory: str, *, max_to_keep: int | None = 3, read_only: bool = Fa
     """The manager training saves with (every state item, and the Grain iterator when `with_data`)."""
     handlers = {name: ocp.StandardCheckpointHandler() for name in STATE_ITEMS}
     if with_data:
-        handlers[DATA_ITEM] = grain.checkpoint.CheckpointHandler()
+        handlers[DATA_ITEM] = DataIteratorHandler()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
@@ -90,7 +159,7 @@ def save(mngr: ocp.CheckpointManager, step: int, trees: Mapping[str, Any], data_
     """Save the named trees (STATE_ITEMS) at `step`; Orbax refuses empty trees, so those are left out."""
     items = {k: ocp.args.StandardSave(v) for k, v in trees.items() if jax.tree.leaves(v)}
     if data_iter is not None:
-        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
+        items[DATA_ITEM] = DataSave(data_iter)
     return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 

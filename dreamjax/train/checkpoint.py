@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -48,7 +47,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: TrainState, shardings: T
                     continue
             args[name] = ocp.args.StandardRestore(_abstract(sub, sh))
         if data_iter is not None:
-            args[checkpoints.DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+            args[checkpoints.DATA_ITEM] = checkpoints.DataRestore(data_iter)
         return args
 
     out, step = checkpoints.restore(mngr, make_args)
