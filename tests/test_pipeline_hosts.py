@@ -1,6 +1,8 @@
 """The Grain pipeline split over processes: each host's batch is its contiguous block of the global batch, so
 two (or four) processes build exactly the global batches of one process, row for row."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -12,12 +14,16 @@ from dreamjax.data.tokenizer import build_word_tokenizer
 GLOBAL = 8
 
 
-def _batches(world, tok, per_host, k, n, steps=3):
+def _iterator(world, tok, per_host, k, n, packing=0):
     cfg = PipelineConfig(layout=LayoutConfig(num_image_tokens=4, num_dream_queries=2, max_length=64),
                          per_host_batch=per_host, max_images_in=2, max_images_out=2, resolution_in=16,
-                         resolution_out=16, seed=3)
+                         resolution_out=16, seed=3, packing=packing)
     sources = dict(pairs=world.pairs("train", 100), documents=world.documents("train", 100))
-    it = iter(make_dataset(sources, dict(pairs=0.5, documents=0.5), tok, cfg, process_index=k, process_count=n))
+    return iter(make_dataset(sources, dict(pairs=0.5, documents=0.5), tok, cfg, process_index=k, process_count=n))
+
+
+def _batches(world, tok, per_host, k, n, steps=3):
+    it = _iterator(world, tok, per_host, k, n)
     out = []
     for _ in range(steps):
         b = next(it)
@@ -51,18 +57,8 @@ def test_host_rows_rejects_a_bad_split():
         HostRows(grain.MapDataset.range(64), 8, 4, 2)
 
 
-def _iterator(world, tok, per_host, k, n, packing=0):
-    cfg = PipelineConfig(layout=LayoutConfig(num_image_tokens=4, num_dream_queries=2, max_length=64),
-                         per_host_batch=per_host, max_images_in=2, max_images_out=2, resolution_in=16,
-                         resolution_out=16, seed=3, packing=packing)
-    sources = dict(pairs=world.pairs("train", 100), documents=world.documents("train", 100))
-    return iter(make_dataset(sources, dict(pairs=0.5, documents=0.5), tok, cfg, process_index=k, process_count=n))
-
-
 def _save_as_processes(directory, iterators):
     """Each iterator's state where Grain's handler puts process K of N's (`data/process_K-of-N.json`)."""
-    import json
-
     for k, it in enumerate(iterators):
         (directory / f"process_{k}-of-{len(iterators)}.json").write_text(json.dumps(it.get_state()))
 
