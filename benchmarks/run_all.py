@@ -33,6 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: `benchmarks`
+from dreamjax import runtime  # noqa: E402
+
+if __name__ == "__main__":  # as the dreamjax command, for both sides; before the heavy imports
+    runtime.rerun_with_huge_pages()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

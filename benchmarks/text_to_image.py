@@ -24,6 +24,10 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dreamjax import runtime  # noqa: E402
+
+if __name__ == "__main__":  # as the dreamjax command, for both sides; before the heavy imports
+    runtime.rerun_with_huge_pages()
 
 import diffusers  # noqa: E402
 import jax  # noqa: E402

@@ -90,3 +90,22 @@ def test_bench_all_lists_every_benchmark():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for script in ("run_all", "train_step", "decode", "text_to_image", "data_pipeline", "convert_memory"):
         assert f"benchmarks/{script}.py" in proc.stdout, proc.stdout
+
+
+def test_profile_models_tiny_llama():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_models.py"), "--tiny", "--only", "llama",
+                           "--reps", "1", "--top", "3"], cwd=ROOT, env=_bench_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for mode in ("fwd", "fwd+bwd"):
+        m = re.search(rf"^llama/{re.escape(mode)}: dreamjax op time ([\d.]+) ms, torch eager self CPU ([\d.]+) ms$",
+                      proc.stdout, re.M)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, proc.stdout
+    # both sides put time in the matmuls; the shares of each table add up to ~100 %
+    rows = re.findall(r"^\| dense matmuls \| ([\d.]+) \((\d+) %\) \| ([\d.]+) \((\d+) %\) \|$", proc.stdout, re.M)
+    assert len(rows) == 2 and all(float(r[0]) > 0 and float(r[2]) > 0 for r in rows), proc.stdout
+    tables = proc.stdout.split("dreamjax op time")[1:]
+    for table in tables:
+        shares = [int(s) for s in re.findall(r"^\| [^|]+ \| [\d.]+ \((\d+) %\)", table, re.M)]
+        assert 95 <= sum(shares) <= 105, table
+    assert "slowest dreamjax ops (llama/fwd+bwd):" in proc.stdout
