@@ -77,14 +77,6 @@ print(os.environ.get("GLIBC_TUNABLES", "-"), resource.getrusage(resource.RUSAGE_
 """
 
 
-def _thp_mode() -> str | None:
-    try:
-        with open(runtime.THP_MODE) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def _thread_faults(mode: str) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.RERUN_MARK, runtime.OPT_OUT)}
     out = subprocess.run([sys.executable, "-c", THREAD_CHILD, mode], capture_output=True, text=True, check=True,
@@ -93,14 +85,14 @@ def _thread_faults(mode: str) -> tuple[str, int]:
     return tunables, int(faults)
 
 
-@pytest.mark.skipif(runtime.malloc_tunables({}, _thp_mode()) is None,
+@pytest.mark.skipif(runtime.malloc_tunables({}, runtime.thp_mode()) is None,
                     reason="needs glibc on Linux with transparent huge pages available")
 def test_rerun_with_huge_pages_cuts_the_faults_of_a_thread_arena_block():
     tunables, default_faults = _thread_faults("keep")
     assert tunables == "-"
     tunables, rerun_faults = _thread_faults("rerun")
     assert tunables == runtime.HUGE_PAGES  # the child re-executed itself with the tunable
-    if "[madvise]" in _thp_mode():  # huge pages only on request: the default pays a fault per 4 KiB page
+    if "[madvise]" in runtime.thp_mode():  # huge pages only on request: the default pays a fault per 4 KiB page
         assert default_faults >= 4 * (200 << 20) // 4096 // 2
         assert rerun_faults < default_faults // 20
     else:  # "always": every large mapping already gets them
