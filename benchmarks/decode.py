@@ -40,7 +40,6 @@ from benchmarks.run_all import interleaved, torch_uses_every_core  # noqa: E402
 from dreamjax.convert import hf  # noqa: E402
 from dreamjax.infer.decode import generate_text  # noqa: E402
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params  # noqa: E402
-from dreamjax.runtime import keep_freed_memory  # noqa: E402
 
 SIZES = {
     # a ~7M-parameter Llama: per-token work small enough that the framework's per-step overhead shows
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     size = SIZES["tiny" if args.tiny else args.size]
     cores = torch_uses_every_core()
-    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
+    runtime.keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     load_before = os.getloadavg()[0]
     print(f"decode benchmark: jax {jax.__version__}, torch {torch.__version__} ({cores} threads), transformers "
           f"{transformers.__version__}; load average (1 min) before: {load_before:.2f}", flush=True)

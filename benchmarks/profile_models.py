@@ -35,12 +35,10 @@ if __name__ == "__main__":  # as the dreamjax command, for both sides; before th
     runtime.rerun_with_huge_pages()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import models  # noqa: E402
-from benchmarks.run_all import torch_uses_every_core  # noqa: E402
-from dreamjax.runtime import keep_freed_memory  # noqa: E402
+from benchmarks.run_all import model_names, row_functions, torch_uses_every_core  # noqa: E402
 
 MATMUL, ATTENTION, CONV, NORM = "dense matmuls", "attention core (QK^T, softmax, PV)", "convolution", "normalisation"
 SCAN = "layer-scan residuals (zero-fill, write, read)"
@@ -127,21 +125,8 @@ def profile_torch(fn, reps: int) -> collections.Counter:
 
 
 def breakdown(case: models.Case, reps: int, top: int) -> list[str]:
-    params, inputs, tmodel = case.jax_params, case.jax_inputs, case.torch_model
-
-    def loss_fn(p, *xs):
-        return jnp.mean(jnp.square(case.jax_apply(p, *xs).astype(jnp.float32)))
-
-    def torch_fwd():
-        with torch.inference_mode():
-            return case.torch_forward(tmodel)
-
-    def torch_fwd_bwd():
-        tmodel.zero_grad(set_to_none=True)
-        loss = case.torch_forward(tmodel).float().square().mean()
-        loss.backward()
-        return loss
-
+    params, inputs = case.jax_params, case.jax_inputs
+    loss_fn, torch_fwd, torch_fwd_bwd = row_functions(case)  # the rows run_all.py times
     lines = []
     for mode, jax_fn, torch_fn in (("fwd", jax.jit(case.jax_apply), torch_fwd),
                                    ("fwd+bwd", jax.jit(jax.value_and_grad(loss_fn)), torch_fwd_bwd)):
@@ -161,20 +146,20 @@ def breakdown(case: models.Case, reps: int, top: int) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="llama,clip,unet", help="comma-separated models (default: all three)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of {','.join(models.BUILDERS)} (default: all)")
     ap.add_argument("--tiny", action="store_true", help="smoke-test sizes")
     ap.add_argument("--reps", type=int, default=5, help="profiled calls per side (default 5)")
     ap.add_argument("--top", type=int, default=0, help="also list the N slowest dreamjax ops of each row")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = sorted(set(names) - {"llama", "clip", "unet"})
-    if unknown or args.reps < 1:
-        ap.error(f"unknown models {unknown} (known: llama, clip, unet)" if unknown else "--reps must be >= 1")
-    keep_freed_memory()  # as run_all.py: both sides in this process
+    names = model_names(ap, args.only)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    runtime.keep_freed_memory()  # as run_all.py: both sides in this process
     torch_uses_every_core()
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}", flush=True)
     for name in names:
-        case = getattr(models, name)("tiny" if args.tiny else "default")
+        case = models.BUILDERS[name]("tiny" if args.tiny else "default")
         print(f"\n## {case.description}")
         print("\n".join(breakdown(case, args.reps, args.top)), flush=True)
     print(f"\nload average (1 min) after: {os.getloadavg()[0]:.2f}")

@@ -45,7 +45,6 @@ import torch  # noqa: E402
 
 from benchmarks import models  # noqa: E402
 from dreamjax.convert import core  # noqa: E402
-from dreamjax.runtime import keep_freed_memory  # noqa: E402
 
 # Timed repetitions: at most MAX_REPS, fewer when a round (one call of each framework) is slow, so that a
 # (model, mode) takes about --budget seconds; never fewer than MIN_REPS. --reps N fixes the count.
@@ -140,11 +139,28 @@ def torch_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- one model
 
 
-def bench_case(case: models.Case, reps: int | None, budget_s: float, use_torch_compile: bool) -> list[dict]:
-    params, inputs, tmodel = case.jax_params, case.jax_inputs, case.torch_model
-
+def row_functions(case: models.Case) -> tuple[Callable, Callable, Callable]:
+    """What a row measures: (the JAX loss, mean(out^2), of params and inputs; the torch forward under
+    inference_mode; the torch loss + backward), the torch ones on `case.torch_model` or the module passed."""
     def loss_fn(p, *xs):
         return jnp.mean(jnp.square(case.jax_apply(p, *xs).astype(jnp.float32)))
+
+    def torch_fwd(m=case.torch_model):
+        with torch.inference_mode():
+            return case.torch_forward(m)
+
+    def torch_fwd_bwd(m=case.torch_model):
+        case.torch_model.zero_grad(set_to_none=True)
+        loss = case.torch_forward(m).float().square().mean()
+        loss.backward()
+        return loss
+
+    return loss_fn, torch_fwd, torch_fwd_bwd
+
+
+def bench_case(case: models.Case, reps: int | None, budget_s: float, use_torch_compile: bool) -> list[dict]:
+    params, inputs, tmodel = case.jax_params, case.jax_inputs, case.torch_model
+    loss_fn, torch_fwd, torch_fwd_bwd = row_functions(case)
 
     fwd, fwd_compile_s = compile_jax(case.jax_apply, params, *inputs)
     vg, vg_compile_s = compile_jax(jax.value_and_grad(loss_fn), params, *inputs)
@@ -154,16 +170,6 @@ def bench_case(case: models.Case, reps: int | None, budget_s: float, use_torch_c
 
     def jax_fwd_bwd():
         return jax.block_until_ready(vg(params, *inputs))
-
-    def torch_fwd(m=tmodel):
-        with torch.inference_mode():
-            return case.torch_forward(m)
-
-    def torch_fwd_bwd(m=tmodel):
-        tmodel.zero_grad(set_to_none=True)
-        loss = case.torch_forward(m).float().square().mean()
-        loss.backward()
-        return loss
 
     # --- agreement; these first calls are also the warmup and tell how long a round takes
     (out_j, tj), (out_t, tt) = timed(jax_fwd), timed(torch_fwd)
@@ -250,17 +256,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "--no-torch-compile skips it)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
-    names = list(models.BUILDERS) if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    args.names = model_names(ap, args.only)
+    return args
+
+
+def model_names(ap: argparse.ArgumentParser, only: str | None) -> list[str]:
+    """The models an `--only` value names (None: all of models.BUILDERS); an unknown one is a usage error."""
+    names = list(models.BUILDERS) if only is None else [n.strip() for n in only.split(",") if n.strip()]
     unknown = [n for n in names if n not in models.BUILDERS]
     if unknown or not names:
         ap.error(f"--only: unknown model(s) {unknown}; choose from {', '.join(models.BUILDERS)}")
-    args.names = names
-    return args
+    return names
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
+    runtime.keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     cores = torch_uses_every_core()
     reps = args.reps or (QUICK_REPS if args.quick else None)
     size = "tiny" if args.tiny else "default"

@@ -47,7 +47,6 @@ from dreamjax.convert import diffusers as dconv  # noqa: E402
 from dreamjax.diffusion.schedule import Schedule, ScheduleConfig  # noqa: E402
 from dreamjax.infer.text_to_image import image_keys, sample_images  # noqa: E402
 from dreamjax.models.dreamllm import DreamLLM, SpecialTokenIds, build_config, init_params  # noqa: E402
-from dreamjax.runtime import keep_freed_memory  # noqa: E402
 
 SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
              "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     size = SIZES["tiny" if args.tiny else args.size]
     cores = torch_uses_every_core()
-    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
+    runtime.keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     load_before = os.getloadavg()[0]
     print(f"text-to-image benchmark: jax {jax.__version__}, torch {torch.__version__} ({cores} threads), diffusers "
           f"{diffusers.__version__}; load average (1 min) before: {load_before:.2f}", flush=True)

@@ -62,7 +62,6 @@ from dreamjax.diffusion.schedule import SD21_BASE, Schedule  # noqa: E402
 from dreamjax.models.dreamllm import DreamLLM, build_config, init_params  # noqa: E402
 from dreamjax.parallel.mesh import make_mesh  # noqa: E402
 from dreamjax.parallel.sharding import DEFAULT_RULES, logical_sharding  # noqa: E402
-from dreamjax.runtime import keep_freed_memory  # noqa: E402
 from dreamjax.train import losses  # noqa: E402
 from dreamjax.train.aot import analytic_flops  # noqa: E402
 from dreamjax.train.metrics import compiled_flops, measured_cpu_matmul_flops  # noqa: E402
@@ -225,7 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
+    runtime.keep_freed_memory()  # as the dreamjax command does; both sides of the comparison share it
     size = SIZES["tiny" if args.tiny else "default"]
     cores = torch_uses_every_core()
     if args.torch_threads:
